@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything Berth's demo and tests need on a fresh machine:
+# a Python venv with the project and its test/dev extras, and the control
+# plane binaries built from Go modules. Idempotent and cached.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/env.sh
+source "$here/env.sh"
+
+stamp="$BERTH_VENV/.berth-stamp"
+want=$(sha256sum "$here/../pyproject.toml" | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] python venv in $BERTH_VENV" >&2
+  python3 -m venv "$BERTH_VENV"
+  "$BERTH_VENV/bin/pip" install -q --upgrade pip
+  "$BERTH_VENV/bin/pip" install -q -e "$here/..[test,dev]"
+  echo "$want" > "$stamp"
+fi
+# The editable install points at this checkout; re-point it when run from
+# another clone sharing the cache.
+if ! "$BERTH_VENV/bin/python" -c 'import berth, sys; sys.exit(not berth.__file__.startswith(sys.argv[1]))' "$(cd "$here/.." && pwd)" 2>/dev/null; then
+  "$BERTH_VENV/bin/pip" install -q --no-deps -e "$here/.."
+fi
+"$here/build-tools.sh"

@@ -1,0 +1,1 @@
+"""Berth: per-node port ranges for LLM inference pods."""

@@ -1,0 +1,1 @@
+"""Pure port allocator: per-node pools of contiguous blocks, no I/O."""

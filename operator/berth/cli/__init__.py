@@ -1,0 +1,1 @@
+"""Command-line tools: the per-node range map."""

@@ -1,0 +1,1 @@
+"""kopf handlers: thin, they call the layers below."""

@@ -1,0 +1,1 @@
+"""Durable allocation state in the API server, written with compare-and-swap."""
