@@ -37,8 +37,9 @@ build_kubernetes() {
   for m in $staging; do
     go mod edit -replace "$m=$m@v0.$minor"
   done
+  # Resolve every main we build, so go.sum covers all their imports.
   go get "k8s.io/kubernetes@$K8S_VERSION" \
-    "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" >/dev/null
+    $(printf "k8s.io/kubernetes/cmd/%s@$K8S_VERSION " "${tools[@]}") >/dev/null
   local major=1 kminor=${minor%%.*} ld=""
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$kminor -X $p.gitTreeState=clean"
