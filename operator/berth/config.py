@@ -1,0 +1,38 @@
+"""Operator settings, read once from the environment (12-factor, Helm-friendly)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from berth.allocator.ranges import PortRange
+
+
+def _ranges(text: str) -> tuple[PortRange, ...]:
+    return tuple(PortRange.parse(part) for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Everything an operator process needs to know that is not in the cluster."""
+
+    namespace: str = "berth-system"
+    default_ranges: tuple[PortRange, ...] = (PortRange(20000, 29999),)
+    default_reserved: tuple[PortRange, ...] = ()
+    sweep_interval: float = 60.0
+    metrics_port: int = 8080
+    watch_namespaces: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
+        env = dict(os.environ) if env is None else env
+        return cls(
+            namespace=env.get("BERTH_NAMESPACE", cls.namespace),
+            default_ranges=_ranges(env.get("BERTH_DEFAULT_POOL", "20000-29999")),
+            default_reserved=_ranges(env.get("BERTH_DEFAULT_RESERVED", "")),
+            sweep_interval=float(env.get("BERTH_SWEEP_INTERVAL", cls.sweep_interval)),
+            metrics_port=int(env.get("BERTH_METRICS_PORT", cls.metrics_port)),
+            watch_namespaces=tuple(
+                ns for ns in env.get("BERTH_WATCH_NAMESPACES", "").split(",") if ns
+            ),
+        )

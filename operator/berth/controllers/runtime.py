@@ -1,0 +1,81 @@
+"""What the handlers share: clients, ledgers and services, built once at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from berth.config import OperatorConfig
+from berth.controllers.cluster import IndexedCluster
+from berth.deployments import DeploymentService
+from berth.kube import Kube
+from berth.ledger.ledgers import Ledgers
+from berth.ledger.store import LedgerStore
+from berth.ports import PortService
+
+log = logging.getLogger("berth.runtime")
+
+
+def post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+    kopf.event(dict(body), type=type, reason=reason, message=message)
+
+
+@dataclass
+class Runtime:
+    config: OperatorConfig
+    client: Kube
+    cluster: IndexedCluster
+    ports: PortService
+    deployments: DeploymentService
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: OperatorConfig, client: Kube, indexes: Mapping[str, Any]) -> Runtime:
+        cluster = IndexedCluster(config, indexes)
+        deployments = DeploymentService(client, post_event)
+        ports = PortService(
+            client,
+            Ledgers(LedgerStore(client, config.namespace)),
+            cluster,
+            post_event,
+            on_change=deployments.request_refresh,
+        )
+        deployments.waiting = ports.waiting
+        return cls(config, client, cluster, ports, deployments)
+
+    def refresh(self, namespace: str, name: str) -> None:
+        self.deployments.request_refresh(namespace, name)
+
+    def start_sweeper(self) -> None:
+        self.background.append(asyncio.create_task(self._sweep_forever()))
+
+    async def sweep(self) -> int:
+        """Reclaim leaks and retry waiting pods; the same at start-up and on the timer."""
+        reclaimed = await self.ports.reclaim(await self.ports.list_live_pods())
+        await self.ports.retry_waiting()
+        return reclaimed
+
+    async def _sweep_forever(self) -> None:
+        # A random first delay keeps replicas (and restarts) from sweeping in step.
+        await asyncio.sleep(random.uniform(0.5, 2.0))
+        while True:
+            try:
+                reclaimed = await self.sweep()
+                if reclaimed:
+                    log.info("sweep reclaimed %d leaked holdings", reclaimed)
+            except Exception:
+                log.exception("sweep failed; retrying on the next interval")
+            await asyncio.sleep(self.config.sweep_interval)
+
+    async def close(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.deployments.close()
+        await self.client.close()

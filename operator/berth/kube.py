@@ -1,0 +1,168 @@
+"""A thin async JSON client for the Kubernetes API.
+
+Berth speaks plain dicts everywhere (kopf hands us dicts too), so it skips the
+generated model classes: their (de)serialisation costs more than the HTTP
+round trip on the allocation hot path. Credentials come from
+``kubernetes_asyncio``'s loaders (in-cluster or kubeconfig), including its
+token refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client import Configuration
+
+Body = dict[str, Any]
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class KubeError(Exception):
+    """A non-2xx answer from the API server, with its Status message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        """409: a stale resourceVersion or a name already taken."""
+        return self.status == 409
+
+
+def path(
+    resource: str,
+    *,
+    namespace: str | None = None,
+    name: str | None = None,
+    group: str = "",
+    version: str = "v1",
+    subresource: str | None = None,
+) -> str:
+    """The REST path of a resource collection or object."""
+    base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+    parts = [base]
+    if namespace:
+        parts.append(f"namespaces/{quote(namespace)}")
+    parts.append(resource)
+    if name:
+        parts.append(quote(name))
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+class Kube:
+    """One aiohttp session against one API server."""
+
+    def __init__(self, configuration: Configuration) -> None:
+        self._config = configuration
+        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+        if configuration.cert_file:
+            context.load_cert_chain(configuration.cert_file, keyfile=configuration.key_file)
+        if not configuration.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        self._session = aiohttp.ClientSession(
+            base_url=configuration.host,
+            connector=aiohttp.TCPConnector(ssl=context, limit=32),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    @classmethod
+    async def connect(cls) -> Kube:
+        """In-cluster credentials when running in a pod, else the kubeconfig."""
+        try:
+            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except k8s_config.ConfigException:
+            await k8s_config.load_kube_config()
+        return cls(Configuration.get_default_copy())
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Body | list[Body] | None = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Body:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        token = await self._config.get_api_key_with_prefix("BearerToken")
+        if token:
+            headers["Authorization"] = token
+        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        async with self._session.request(
+            method, url, data=data, params=params, headers=headers
+        ) as response:
+            payload = await response.read()
+            if response.status >= 400:
+                try:
+                    status = json.loads(payload)
+                    reason, message = status.get("reason", ""), status.get("message", "")
+                except ValueError:
+                    reason, message = response.reason or "", payload.decode(errors="replace")
+                raise KubeError(response.status, reason, message)
+            result: Body = json.loads(payload) if payload else {}
+            return result
+
+    async def get(self, url: str, params: Mapping[str, str] | None = None) -> Body:
+        return await self.request("GET", url, params=params)
+
+    async def get_or_none(self, url: str) -> Body | None:
+        try:
+            return await self.get(url)
+        except KubeError as error:
+            if error.not_found:
+                return None
+            raise
+
+    async def list(self, url: str, label_selector: str | None = None) -> list[Body]:
+        """Every item of a collection, following continue tokens."""
+        items: list[Body] = []
+        params: dict[str, str] = {"limit": "500"}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        while True:
+            page = await self.get(url, params)
+            items.extend(page.get("items", []))
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return items
+            params["continue"] = token
+
+    async def create(self, url: str, body: Body) -> Body:
+        return await self.request("POST", url, body=body)
+
+    async def replace(self, url: str, body: Body) -> Body:
+        return await self.request("PUT", url, body=body)
+
+    async def merge_patch(self, url: str, patch: Body) -> Body:
+        return await self.request("PATCH", url, body=patch, content_type=MERGE_PATCH)
+
+    async def delete(self, url: str, body: Body | None = None) -> bool:
+        """Delete; False when it was already gone."""
+        try:
+            await self.request("DELETE", url, body=body)
+        except KubeError as error:
+            if error.not_found:
+                return False
+            raise
+        return True

@@ -1,0 +1,157 @@
+"""The operator's view of every node's ledger: a cache in front of CAS writes.
+
+The cache only saves reads. Each change is computed on the cached state and
+written with its resourceVersion; on conflict the node is re-read and the
+change recomputed, so a stale cache (another replica, a restart) can cost a
+retry but never a double allocation (I4, I5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from berth.allocator import Assignment, BlockRequest
+from berth.allocator.ranges import PortRange
+from berth.ledger.records import Holder, NodeLedger, PoolSpec
+from berth.ledger.store import LedgerConflict, LedgerStore
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 8
+
+
+class LedgerBusy(Exception):
+    """Too many concurrent writers on one node; the caller retries later."""
+
+
+@dataclass(frozen=True)
+class Allocation:
+    holder: Holder
+    assignment: Assignment
+    pool: PoolSpec
+    fresh: bool  # False when the holder already had it (idempotent replay)
+
+
+class Ledgers:
+    def __init__(self, store: LedgerStore) -> None:
+        self._store = store
+        self._cache: dict[str, NodeLedger] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def cached(self, node: str) -> NodeLedger | None:
+        return self._cache.get(node)
+
+    async def allocate(
+        self,
+        node: str,
+        holder: Holder,
+        requests: Sequence[BlockRequest],
+        pool: PoolSpec,
+        *,
+        avoid: Sequence[PortRange] = (),
+        node_uid: str | None = None,
+    ) -> Allocation:
+        """The holder's blocks on ``node``: already held, or newly carved out.
+
+        Raises the allocator's PoolExhausted when they cannot fit.
+        """
+
+        def change(ledger: NodeLedger) -> tuple[Allocation, bool]:
+            held = ledger.pool.get(holder.uid)
+            if held is not None:
+                return Allocation(ledger.holders[holder.uid], held, ledger.pool_spec, False), False
+            if ledger.pool_spec != pool:
+                # Never moves live allocations; those now outside stay held.
+                ledger.pool.reconfigure(pool.ranges, pool.reserved)
+                ledger.pool_spec = pool
+            assignment = ledger.pool.allocate(holder.uid, requests, avoid)
+            ledger.holders[holder.uid] = holder
+            return Allocation(holder, assignment, pool, True), True
+
+        return await self._update(node, pool, change, node_uid)
+
+    async def release(
+        self, node: str, uids: Collection[str]
+    ) -> list[tuple[Holder, Assignment]]:
+        """Free what these holders hold on ``node``; returns what was freed."""
+
+        def change(ledger: NodeLedger) -> tuple[list[tuple[Holder, Assignment]], bool]:
+            freed = []
+            for uid in uids:
+                assignment = ledger.pool.release(uid)
+                if assignment is not None:
+                    freed.append((ledger.holders.pop(uid), assignment))
+            return freed, bool(freed)
+
+        return await self._update(node, None, change, None)
+
+    async def load_all(self) -> list[NodeLedger]:
+        """Fresh state of every node from the API server (start-up, sweeps)."""
+        ledgers = await self._store.list()
+        for ledger in ledgers:
+            async with self._lock(ledger.node):
+                self._cache[ledger.node] = ledger
+        return ledgers
+
+    async def forget(self, node: str) -> None:
+        """Drop a node whose ledger is gone (node deleted, ledger collected)."""
+        async with self._lock(node):
+            self._cache.pop(node, None)
+
+    def _lock(self, node: str) -> asyncio.Lock:
+        return self._locks.setdefault(node, asyncio.Lock())
+
+    async def _update(
+        self,
+        node: str,
+        pool: PoolSpec | None,
+        change: Callable[[NodeLedger], tuple[T, bool]],
+        node_uid: str | None,
+    ) -> T:
+        """Apply ``change`` and CAS-write it, re-reading on conflict.
+
+        One writer per node inside this process (the lock); the API server
+        arbitrates between processes.
+        """
+        async with self._lock(node):
+            for _ in range(MAX_ATTEMPTS):
+                ledger = await self._current(node, pool)
+                if ledger is None:  # nothing recorded and nothing to allocate from
+                    return change(NodeLedger.empty(node, PoolSpec("none", ())))[0]
+                try:
+                    result, dirty = change(ledger)
+                    if dirty:
+                        await self._store.save(ledger, node_uid)
+                except LedgerConflict:
+                    self._cache.pop(node, None)
+                    continue
+                except BaseException:
+                    # The cached copy may hold an unsaved change: drop it.
+                    self._cache.pop(node, None)
+                    raise
+                return result
+            raise LedgerBusy(f"ledger of node {node} kept changing under us")
+
+    async def _current(self, node: str, pool: PoolSpec | None) -> NodeLedger | None:
+        ledger = self._cache.get(node)
+        if ledger is None:
+            ledger = await self._store.load(node)
+            if ledger is None and pool is not None:
+                ledger = NodeLedger.empty(node, pool)
+            if ledger is not None:
+                self._cache[node] = ledger
+        return ledger
+
+
+async def with_retries(action: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
+    for attempt in range(attempts):
+        try:
+            return await action()
+        except LedgerBusy:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -1,0 +1,101 @@
+"""A node's ledger as ConfigMap data: one key per holder, readable by humans.
+
+Layout (``data`` of ConfigMap ``berth-ledger.<node>``)::
+
+    pool:   "default 20000-29999 reserved=22000-22009"
+    <uid>:  "<namespace> <pod> <deployment> <role> http=20000,nixl=20001-20008"
+
+Pod UIDs never collide with ``pool``, and every value is a short line, so a
+node holding hundreds of pods stays a few tens of KiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from berth.allocator import Assignment, NodePool
+from berth.allocator.ranges import PortRange
+
+POOL_KEY = "pool"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds an assignment: enough to find the pod and to audit it."""
+
+    namespace: str
+    pod: str
+    uid: str
+    deployment: str = ""
+    role: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """The pool a node's ledger was last allocated from."""
+
+    name: str
+    ranges: tuple[PortRange, ...]
+    reserved: tuple[PortRange, ...] = ()
+
+    def encode(self) -> str:
+        ranges = ",".join(map(str, self.ranges))
+        reserved = ",".join(map(str, self.reserved))
+        return f"{self.name} {ranges} reserved={reserved}"
+
+    @classmethod
+    def decode(cls, text: str) -> PoolSpec:
+        name, ranges, reserved = text.split(" ")
+        return cls(
+            name,
+            _parse_ranges(ranges),
+            _parse_ranges(reserved.removeprefix("reserved=")),
+        )
+
+
+def _parse_ranges(text: str) -> tuple[PortRange, ...]:
+    return tuple(PortRange.parse(part) for part in text.split(",") if part)
+
+
+@dataclass
+class NodeLedger:
+    """One node's allocations plus who holds them; the allocator stays pure."""
+
+    node: str
+    pool_spec: PoolSpec
+    pool: NodePool
+    holders: dict[str, Holder]
+    resource_version: str | None = None
+
+    @classmethod
+    def empty(cls, node: str, pool_spec: PoolSpec) -> NodeLedger:
+        return cls(node, pool_spec, NodePool(pool_spec.ranges, pool_spec.reserved), {})
+
+    def encode(self) -> dict[str, str]:
+        data = {POOL_KEY: self.pool_spec.encode()}
+        for uid, text in self.pool.encode().items():
+            h = self.holders[uid]
+            data[uid] = f"{h.namespace} {h.pod} {h.deployment or '-'} {h.role or '-'} {text}"
+        return data
+
+    @classmethod
+    def decode(
+        cls, node: str, data: Mapping[str, str], resource_version: str | None = None
+    ) -> NodeLedger:
+        pool_spec = PoolSpec.decode(data[POOL_KEY])
+        holders: dict[str, Holder] = {}
+        records: dict[str, str] = {}
+        for uid, line in data.items():
+            if uid == POOL_KEY:
+                continue
+            namespace, pod, deployment, role, blocks = line.split(" ", 4)
+            holders[uid] = Holder(
+                namespace, pod, uid, deployment.strip("-"), role.strip("-")
+            )
+            records[uid] = blocks
+        pool = NodePool.decode(pool_spec.ranges, pool_spec.reserved, records)
+        return cls(node, pool_spec, pool, holders, resource_version)
+
+    def held(self) -> list[tuple[Holder, Assignment]]:
+        return [(self.holders[a.owner], a) for a in self.pool.assignments()]

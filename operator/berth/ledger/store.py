@@ -1,0 +1,87 @@
+"""Per-node ledgers persisted as ConfigMaps, written with compare-and-swap.
+
+The API server is the arbiter (I5): every write carries the resourceVersion
+it was computed from, so of two writers working from the same state exactly
+one succeeds and the other re-reads — as Kubernetes' own NodePort allocator
+does with its bitmap object.
+"""
+
+from __future__ import annotations
+
+from berth import kube
+from berth.kube import Kube, KubeError
+from berth.ledger.records import NodeLedger
+from berth.names import (
+    ANNOTATION_LEDGER_NODE,
+    LABEL_LEDGER,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    ledger_configmap,
+)
+
+
+class LedgerConflict(Exception):
+    """Someone else wrote the ledger since we read it: re-read and retry."""
+
+
+class LedgerStore:
+    def __init__(self, client: Kube, namespace: str) -> None:
+        self._client = client
+        self._namespace = namespace
+
+    def _url(self, node: str | None = None) -> str:
+        name = ledger_configmap(node) if node is not None else None
+        return kube.path("configmaps", namespace=self._namespace, name=name)
+
+    async def load(self, node: str) -> NodeLedger | None:
+        body = await self._client.get_or_none(self._url(node))
+        return None if body is None else _decode(body)
+
+    async def list(self) -> list[NodeLedger]:
+        bodies = await self._client.list(self._url(), label_selector=f"{LABEL_LEDGER}=true")
+        return [_decode(body) for body in bodies]
+
+    async def save(self, ledger: NodeLedger, node_uid: str | None = None) -> None:
+        """Create or CAS-replace; raises LedgerConflict when the state moved on."""
+        metadata: dict[str, object] = {
+            "name": ledger_configmap(ledger.node),
+            "namespace": self._namespace,
+            "labels": {LABEL_LEDGER: "true", LABEL_MANAGED_BY: MANAGED_BY},
+            "annotations": {ANNOTATION_LEDGER_NODE: ledger.node},
+        }
+        if node_uid:
+            # The garbage collector drops the ledger with its node.
+            metadata["ownerReferences"] = [
+                {"apiVersion": "v1", "kind": "Node", "name": ledger.node, "uid": node_uid}
+            ]
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata}
+        body["data"] = ledger.encode()
+        try:
+            if ledger.resource_version is None:
+                saved = await self._client.create(self._url(), body)
+            else:
+                metadata["resourceVersion"] = ledger.resource_version
+                saved = await self._client.replace(self._url(ledger.node), body)
+        except KubeError as error:
+            if error.conflict or (error.not_found and ledger.resource_version):
+                raise LedgerConflict(str(error)) from error
+            raise
+        ledger.resource_version = saved["metadata"]["resourceVersion"]
+
+    async def delete(self, ledger: NodeLedger) -> None:
+        """Delete only the version we saw (a precondition, as for writes)."""
+        precondition = {"preconditions": {"resourceVersion": ledger.resource_version}}
+        try:
+            await self._client.delete(self._url(ledger.node), precondition)
+        except KubeError as error:
+            if error.conflict:
+                raise LedgerConflict(str(error)) from error
+            raise
+
+
+def _decode(body: kube.Body) -> NodeLedger:
+    metadata = body["metadata"]
+    node = metadata.get("annotations", {}).get(ANNOTATION_LEDGER_NODE) or metadata[
+        "name"
+    ].removeprefix("berth-ledger.")
+    return NodeLedger.decode(node, body.get("data") or {}, metadata["resourceVersion"])

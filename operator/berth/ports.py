@@ -1,0 +1,245 @@
+"""Port lifecycle of Berth pods: allocate when bound, release when gone, reclaim leaks.
+
+Plain async code with no kopf in it: the handlers translate watch events into
+these calls, and tests can drive them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from berth import audit, kube, metrics
+from berth.allocator import PoolExhausted
+from berth.allocator.ranges import PortRange
+from berth.kube import Kube, KubeError
+from berth.ledger.ledgers import Allocation, Ledgers
+from berth.ledger.records import Holder, PoolSpec
+from berth.names import ANNOTATION_PORTS, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
+from berth.plan import PlanError, PortPlan
+from berth.workload import encode_ports, pod_ports_configmap_body
+
+Body = dict[str, Any]
+log = logging.getLogger("berth.ports")
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class ClusterView(Protocol):
+    """What allocation needs to know about nodes, pools and other pods."""
+
+    def pool_for(self, node: str) -> PoolSpec: ...
+    def node_uid(self, node: str) -> str | None: ...
+    def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
+
+
+class EventSink(Protocol):
+    def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None: ...
+
+
+def is_terminated(pod: Mapping[str, Any]) -> bool:
+    return pod.get("status", {}).get("phase") in TERMINAL_PHASES
+
+
+def holder_of(pod: Mapping[str, Any]) -> Holder:
+    meta = pod["metadata"]
+    labels = meta.get("labels", {})
+    return Holder(
+        meta["namespace"],
+        meta["name"],
+        meta["uid"],
+        labels.get(LABEL_DEPLOYMENT, ""),
+        labels.get(LABEL_ROLE, ""),
+    )
+
+
+@dataclass
+class Waiting:
+    """A bound pod that could not get ports yet, and why."""
+
+    node: str
+    pod: Mapping[str, Any]
+    reason: str
+
+
+@dataclass
+class PortService:
+    client: Kube
+    ledgers: Ledgers
+    cluster: ClusterView
+    post_event: EventSink
+    on_change: Callable[[str, str], None] = lambda namespace, deployment: None
+    waiting: dict[str, Waiting] = field(default_factory=dict)
+
+    async def ensure_allocated(self, pod: Mapping[str, Any]) -> Allocation | None:
+        """Give a bound pod its ports (once), and make sure they reached it."""
+        meta = pod["metadata"]
+        node: str = pod["spec"]["nodeName"]
+        holder = holder_of(pod)
+        try:
+            plan = PortPlan.of_pod(meta.get("annotations", {}))
+        except PlanError as error:
+            self._warn(pod, "InvalidPortPlan", str(error))
+            return None
+        pool = self.cluster.pool_for(node)
+        started = asyncio.get_running_loop().time()
+        try:
+            allocation = await self.ledgers.allocate(
+                node,
+                holder,
+                plan.requests(),
+                pool,
+                avoid=self.cluster.foreign_ports(node),
+                node_uid=self.cluster.node_uid(node),
+            )
+        except PoolExhausted as error:
+            self._wait(pod, node, holder, pool, str(error))
+            return None
+        if self.waiting.pop(holder.uid, None) is not None:
+            self.on_change(holder.namespace, holder.deployment)
+        assignment = allocation.assignment
+        if allocation.fresh:
+            audit.record(
+                "allocate",
+                reason="pod bound",
+                node=node,
+                namespace=holder.namespace,
+                pod=holder.pod,
+                uid=holder.uid,
+                deployment=holder.deployment,
+                role=holder.role,
+                blocks=assignment.blocks,
+                pool=allocation.pool.name,
+            )
+            metrics.ALLOCATIONS.inc()
+        mirrored = meta.get("annotations", {}).get(ANNOTATION_PORTS)
+        if mirrored != encode_ports(assignment):
+            # ConfigMap first, annotation last: the annotation says "delivered".
+            await self._write_configmap(pod, plan.env(assignment))
+            await self.client.merge_patch(
+                kube.path("pods", namespace=holder.namespace, name=holder.pod),
+                {"metadata": {"annotations": {ANNOTATION_PORTS: encode_ports(assignment)}}},
+            )
+            metrics.ALLOCATION_SECONDS.observe(asyncio.get_running_loop().time() - started)
+            self.on_change(holder.namespace, holder.deployment)
+        return allocation
+
+    async def release(self, pod: Mapping[str, Any], reason: str) -> None:
+        """Free a deleted or finished pod's ports, then serve whoever waits there."""
+        holder = holder_of(pod)
+        self.waiting.pop(holder.uid, None)
+        node = pod.get("spec", {}).get("nodeName")
+        if not node:
+            return
+        freed = await self.ledgers.release(node, [holder.uid])
+        self._audit_freed("release", reason, node, freed)
+        if freed:
+            self.on_change(holder.namespace, holder.deployment)
+            await self.retry_waiting(node)
+
+    async def retry_waiting(self, node: str | None = None) -> None:
+        for uid, entry in list(self.waiting.items()):
+            if node is None or entry.node == node:
+                current = self.waiting.get(uid)
+                if current is not None:
+                    await self.ensure_allocated(current.pod)
+
+    async def reclaim(self, live: Mapping[str, Mapping[str, Any]]) -> int:
+        """Release every ledger entry whose pod is gone or finished.
+
+        ``live`` maps UID to pod for every Berth pod listed just now. A UID
+        missing from it is double-checked with a GET before its ports go: a
+        pod created after the list must not lose ports another replica just
+        gave it. UIDs are never reused, so "gone" is final.
+        """
+        reclaimed = 0
+        for ledger in await self.ledgers.load_all():
+            stale = []
+            for holder, _ in ledger.held():
+                pod = live.get(holder.uid)
+                if pod is None:
+                    pod = await self._current_pod(holder)
+                if pod is None or is_terminated(pod):
+                    stale.append(holder.uid)
+            if stale:
+                freed = await self.ledgers.release(ledger.node, stale)
+                self._audit_freed("reclaim", "owner gone", ledger.node, freed)
+                reclaimed += len(freed)
+                for holder, _ in freed:
+                    self.on_change(holder.namespace, holder.deployment)
+        metrics.RECLAIMED.inc(reclaimed)
+        return reclaimed
+
+    async def list_live_pods(self) -> dict[str, Body]:
+        pods = await self.client.list(
+            kube.path("pods"), label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        )
+        return {p["metadata"]["uid"]: p for p in pods if not is_terminated(p)}
+
+    async def _current_pod(self, holder: Holder) -> Body | None:
+        pod = await self.client.get_or_none(
+            kube.path("pods", namespace=holder.namespace, name=holder.pod)
+        )
+        if pod is None or pod["metadata"]["uid"] != holder.uid:
+            return None
+        return pod
+
+    async def _write_configmap(self, pod: Mapping[str, Any], env: Mapping[str, str]) -> None:
+        body = pod_ports_configmap_body(pod, env)
+        meta = body["metadata"]
+        url = kube.path("configmaps", namespace=meta["namespace"])
+        try:
+            await self.client.create(url, body)
+        except KubeError as error:
+            if not error.conflict:
+                raise
+            # Left by an earlier attempt (crash, another replica): make it right.
+            await self.client.replace(
+                kube.path("configmaps", namespace=meta["namespace"], name=meta["name"]), body
+            )
+
+    def _wait(
+        self, pod: Mapping[str, Any], node: str, holder: Holder, pool: PoolSpec, reason: str
+    ) -> None:
+        previous = self.waiting.get(holder.uid)
+        self.waiting[holder.uid] = Waiting(node, pod, reason)
+        if previous is not None and previous.reason == reason:
+            return  # already reported; stays quiet until something changes
+        audit.record(
+            "exhausted",
+            reason=reason,
+            node=node,
+            namespace=holder.namespace,
+            pod=holder.pod,
+            uid=holder.uid,
+            deployment=holder.deployment,
+            role=holder.role,
+            pool=pool.name,
+        )
+        metrics.EXHAUSTED.inc()
+        self._warn(pod, "PortsExhausted", f"node {node}, pool {pool.name}: {reason}")
+        self.on_change(holder.namespace, holder.deployment)
+
+    def _warn(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
+        log.warning("%s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], message)
+        self.post_event(pod, type="Warning", reason=reason, message=message)
+
+    def _audit_freed(
+        self, action: audit.Action, reason: str, node: str, freed: Iterable[tuple[Holder, Any]]
+    ) -> None:
+        for holder, assignment in freed:
+            audit.record(
+                action,
+                reason=reason,
+                node=node,
+                namespace=holder.namespace,
+                pod=holder.pod,
+                uid=holder.uid,
+                deployment=holder.deployment,
+                role=holder.role,
+                blocks=assignment.blocks,
+            )
+            metrics.RELEASES.inc()

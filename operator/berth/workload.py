@@ -1,0 +1,176 @@
+"""Pure builders for the objects Berth writes: worker pods and their ConfigMaps."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from berth.allocator import Assignment
+from berth.names import (
+    ANNOTATION_PORT_PLAN,
+    ANNOTATION_PORTS,
+    ANNOTATION_TEMPLATE_HASH,
+    API_VERSION,
+    LABEL_DEPLOYMENT,
+    LABEL_INDEX,
+    LABEL_MANAGED_BY,
+    LABEL_ROLE,
+    MANAGED_BY,
+    pod_name,
+    pod_ports_configmap,
+    port_map_configmap,
+)
+from berth.plan import PortPlan
+
+Body = dict[str, Any]
+
+
+def owner_reference(body: Mapping[str, Any]) -> Body:
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body.get("kind", "InferenceDeployment"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+    }
+
+
+def template_hash(template: Mapping[str, Any]) -> str:
+    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def worker_pod(
+    deployment: Mapping[str, Any],
+    role: str,
+    index: int,
+    template: Mapping[str, Any],
+    plan: PortPlan,
+    bind_address_env: tuple[str, ...] = (),
+    static_env: Mapping[str, str] | None = None,
+) -> Body:
+    """The pod for worker ``index`` of ``role``.
+
+    Port env vars point into the per-pod ConfigMap, written once the
+    scheduler has picked a node: the kubelet holds the container until it
+    exists, so the engine never starts without its ports.
+    """
+    meta = deployment["metadata"]
+    name = pod_name(meta["name"], role, index)
+    spec: Body = copy.deepcopy(dict(template.get("spec", {})))
+    spec.setdefault("hostNetwork", True)
+    # A Service named vllm* would inject VLLM_PORT=tcp://... and abort vLLM.
+    spec["enableServiceLinks"] = False
+    if spec["hostNetwork"]:
+        spec.setdefault("dnsPolicy", "ClusterFirstWithHostNet")
+    ip_field = "status.hostIP" if spec["hostNetwork"] else "status.podIP"
+    injected: list[Body] = [
+        {"name": env, "valueFrom": {"fieldRef": {"fieldPath": ip_field}}}
+        for env in bind_address_env
+    ]
+    injected += [{"name": k, "value": v} for k, v in (static_env or {}).items()]
+    injected += [
+        {
+            "name": env,
+            "valueFrom": {"configMapKeyRef": {"name": pod_ports_configmap(name), "key": env}},
+        }
+        for env in plan.env_names()
+    ]
+    ours = {e["name"] for e in injected}
+    for container in spec.get("containers", []):
+        # Ours first: `$(VAR)` in user env and args may refer to them.
+        user_env = [e for e in container.get("env", []) if e.get("name") not in ours]
+        container["env"] = injected + user_env
+    tmeta = template.get("metadata", {})
+    labels = {
+        **tmeta.get("labels", {}),
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_DEPLOYMENT: meta["name"],
+        LABEL_ROLE: role,
+        LABEL_INDEX: str(index),
+    }
+    annotations = {
+        **tmeta.get("annotations", {}),
+        ANNOTATION_PORT_PLAN: plan.encode(),
+        ANNOTATION_TEMPLATE_HASH: template_hash(template),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(deployment)],
+        },
+        "spec": spec,
+    }
+
+
+def encode_ports(assignment: Assignment) -> str:
+    """The pod annotation mirroring its ports: ``{"http":"20000",...}``."""
+    return json.dumps(
+        {name: str(rng) for name, rng in assignment.blocks.items()}, separators=(",", ":")
+    )
+
+
+def pod_ports_configmap_body(pod: Mapping[str, Any], env: Mapping[str, str]) -> Body:
+    meta = pod["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": pod_ports_configmap(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {
+                LABEL_MANAGED_BY: MANAGED_BY,
+                LABEL_DEPLOYMENT: meta.get("labels", {}).get(LABEL_DEPLOYMENT, ""),
+            },
+            # Owned by the pod: the garbage collector removes it with the pod.
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
+            ],
+        },
+        "data": dict(env),
+    }
+
+
+def worker_entry(pod: Mapping[str, Any]) -> Body | None:
+    """One worker's line in the deployment's port map, once it has ports."""
+    meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
+    ports = meta.get("annotations", {}).get(ANNOTATION_PORTS)
+    if not ports:
+        return None
+    return {
+        "role": meta.get("labels", {}).get(LABEL_ROLE, ""),
+        "node": spec.get("nodeName", ""),
+        "hostIP": status.get("hostIP", ""),
+        "podIP": status.get("podIP", ""),
+        "ports": json.loads(ports),
+    }
+
+
+def port_map_body(deployment: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> Body:
+    """The per-deployment discovery map: one key per worker pod."""
+    meta = deployment["metadata"]
+    data = {}
+    for pod in pods:
+        entry = worker_entry(pod)
+        if entry is not None:
+            data[pod["metadata"]["name"]] = json.dumps(entry, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": port_map_configmap(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
+            "ownerReferences": [owner_reference(deployment)],
+        },
+        "data": data,
+    }
