@@ -40,6 +40,8 @@ async def start(
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
+    # Our CRDs are installed before the operator: no CRD watch, no RBAC on CRDs.
+    settings.scanning.disabled = True
     # Failed handlers retry quickly at first: allocation is latency-sensitive.
     settings.networking.error_backoffs = (0.5, 1, 2, 5, 10)
     client = await Kube.connect()

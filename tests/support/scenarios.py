@@ -1,0 +1,92 @@
+"""Reusable end-to-end scenarios: the example deployment, served by a real operator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.support.invariants import (
+    assert_no_leak,
+    assert_no_overlap,
+    berth_pods,
+    read_ledgers,
+)
+from tests.support.operator_process import OperatorProcess, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "vllm-disagg.yaml"
+OPERATOR_NAMESPACE = "berth-system"
+
+
+def install_crds(cluster: Any) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    for crd in ("inferencedeployments.berth.dev", "nodeportpools.berth.dev"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+
+
+def ensure_namespace(cluster: Any, name: str) -> None:
+    manifest = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+
+
+def pods_of(cluster: Any, namespace: str, deployment: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in berth_pods(cluster)
+        if p["metadata"]["namespace"] == namespace
+        and p["metadata"]["labels"].get("berth.dev/deployment") == deployment
+    ]
+
+
+def all_allocated(cluster: Any, namespace: str, deployment: str, expected: int) -> bool:
+    pods = pods_of(cluster, namespace, deployment)
+    done = [p for p in pods if "berth.dev/ports" in p["metadata"].get("annotations", {})]
+    return len(pods) == expected and len(done) == expected
+
+
+def expected_pods(manifest: dict[str, Any]) -> int:
+    return sum(int(role.get("replicas", 1)) for role in manifest["spec"]["roles"])
+
+
+def load_example() -> dict[str, Any]:
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+    deployment: dict[str, Any] = next(d for d in docs if d["kind"] == "InferenceDeployment")
+    return deployment
+
+
+def apply_deployment(cluster: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    body = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+
+def run_example_scenario(
+    cluster: Any, kubeconfig: str, namespace: str, tmp_path: Path, timeout: float = 90
+) -> OperatorProcess:
+    """Apply the example with an operator using ``kubeconfig``; wait until every pod
+    has ports; check I1 and I2. Returns the (still running) operator."""
+    install_crds(cluster)
+    ensure_namespace(cluster, OPERATOR_NAMESPACE)
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator.log").start()
+    manifest = load_example()
+    apply_deployment(cluster, namespace, manifest)
+    name = manifest["metadata"]["name"]
+    wait_for(
+        lambda: all_allocated(cluster, namespace, name, expected_pods(manifest)),
+        timeout=timeout,
+        what=f"every pod of {name} to get ports",
+    )
+    view = read_ledgers(cluster)
+    assert_no_overlap(view)
+    wait_for(lambda: _quiet_no_leak(cluster), timeout=30, what="ledger == live pods")
+    return operator
+
+
+def _quiet_no_leak(cluster: Any) -> bool:
+    try:
+        assert_no_leak(read_ledgers(cluster), berth_pods(cluster))
+    except AssertionError:
+        return False
+    return True
