@@ -17,7 +17,8 @@ from berth.allocator import PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.kube import Kube, KubeError
 from berth.ledger.ledgers import Allocation, Ledgers
-from berth.ledger.records import Holder, PoolSpec
+from berth.api.pools import PoolConfig
+from berth.ledger.records import Holder
 from berth.names import ANNOTATION_PORTS, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from berth.plan import PlanError, PortPlan
 from berth.workload import encode_ports, pod_ports_configmap_body
@@ -31,7 +32,7 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 class ClusterView(Protocol):
     """What allocation needs to know about nodes, pools and other pods."""
 
-    def pool_for(self, node: str) -> PoolSpec: ...
+    def pool_for(self, node: str) -> PoolConfig: ...
     def node_uid(self, node: str) -> str | None: ...
     def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
 
@@ -202,7 +203,7 @@ class PortService:
             )
 
     def _wait(
-        self, pod: Mapping[str, Any], node: str, holder: Holder, pool: PoolSpec, reason: str
+        self, pod: Mapping[str, Any], node: str, holder: Holder, pool: PoolConfig, reason: str
     ) -> None:
         previous = self.waiting.get(holder.uid)
         self.waiting[holder.uid] = Waiting(node, pod, reason)

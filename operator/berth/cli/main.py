@@ -23,8 +23,8 @@ def render_table(ledgers: Sequence[NodeLedger]) -> str:
     for ledger in sorted(ledgers, key=lambda ledger: ledger.node):
         pool = ledger.pool
         lines.append(
-            f"{ledger.node}  pool={ledger.pool_spec.name} "
-            f"[{','.join(map(str, ledger.pool_spec.ranges))}]  "
+            f"{ledger.node}  pool={ledger.pool_config.name} "
+            f"[{','.join(map(str, ledger.pool_config.ranges))}]  "
             f"used={pool.size - pool.free}/{pool.size}"
         )
         for holder, assignment in ledger.held():
@@ -37,8 +37,8 @@ def render_table(ledgers: Sequence[NodeLedger]) -> str:
 def render_json(ledgers: Sequence[NodeLedger]) -> str:
     out = {
         ledger.node: {
-            "pool": ledger.pool_spec.name,
-            "ranges": [str(r) for r in ledger.pool_spec.ranges],
+            "pool": ledger.pool_config.name,
+            "ranges": [str(r) for r in ledger.pool_config.ranges],
             "pods": [
                 {
                     "namespace": h.namespace,

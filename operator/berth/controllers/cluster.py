@@ -16,7 +16,6 @@ from berth.allocator.ranges import PortRange
 from berth.api import NodePortPool
 from berth.api.pools import PoolConfig, choose_pool
 from berth.config import OperatorConfig
-from berth.ledger.records import PoolSpec
 from berth.names import GROUP, LABEL_MANAGED_BY, MANAGED_BY
 
 
@@ -87,12 +86,8 @@ class IndexedCluster:
     def pools(self) -> list[NodePortPool]:
         return list(self._pools.get(None, ()))
 
-    def pool_config(self, node: str) -> PoolConfig:
+    def pool_for(self, node: str) -> PoolConfig:
         return choose_pool(self.pools(), self.node_labels(node), self._default)
-
-    def pool_for(self, node: str) -> PoolSpec:
-        config = self.pool_config(node)
-        return PoolSpec(config.name, tuple(config.ranges), tuple(config.reserved))
 
     def foreign_ports(self, node: str) -> Sequence[PortRange]:
         return [PortRange(p, p) for ports in self._foreign.get(node, ()) for p in ports]

@@ -15,7 +15,8 @@ from typing import TypeVar
 
 from berth.allocator import Assignment, BlockRequest
 from berth.allocator.ranges import PortRange
-from berth.ledger.records import Holder, NodeLedger, PoolSpec
+from berth.api.pools import PoolConfig
+from berth.ledger.records import Holder, NodeLedger
 from berth.ledger.store import LedgerConflict, LedgerStore
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ class LedgerBusy(Exception):
 class Allocation:
     holder: Holder
     assignment: Assignment
-    pool: PoolSpec
+    pool: PoolConfig
     fresh: bool  # False when the holder already had it (idempotent replay)
 
 
@@ -49,7 +50,7 @@ class Ledgers:
         node: str,
         holder: Holder,
         requests: Sequence[BlockRequest],
-        pool: PoolSpec,
+        pool: PoolConfig,
         *,
         avoid: Sequence[PortRange] = (),
         node_uid: str | None = None,
@@ -62,11 +63,11 @@ class Ledgers:
         def change(ledger: NodeLedger) -> tuple[Allocation, bool]:
             held = ledger.pool.get(holder.uid)
             if held is not None:
-                return Allocation(ledger.holders[holder.uid], held, ledger.pool_spec, False), False
-            if ledger.pool_spec != pool:
+                return Allocation(ledger.holders[holder.uid], held, ledger.pool_config, False), False
+            if ledger.pool_config != pool:
                 # Never moves live allocations; those now outside stay held.
                 ledger.pool.reconfigure(pool.ranges, pool.reserved)
-                ledger.pool_spec = pool
+                ledger.pool_config = pool
             assignment = ledger.pool.allocate(holder.uid, requests, avoid)
             ledger.holders[holder.uid] = holder
             return Allocation(holder, assignment, pool, True), True
@@ -107,7 +108,7 @@ class Ledgers:
     async def _update(
         self,
         node: str,
-        pool: PoolSpec | None,
+        pool: PoolConfig | None,
         change: Callable[[NodeLedger], tuple[T, bool]],
         node_uid: str | None,
     ) -> T:
@@ -120,7 +121,7 @@ class Ledgers:
             for _ in range(MAX_ATTEMPTS):
                 ledger = await self._current(node, pool)
                 if ledger is None:  # nothing recorded and nothing to allocate from
-                    return change(NodeLedger.empty(node, PoolSpec("none", ())))[0]
+                    return change(NodeLedger.empty(node, PoolConfig("none", ())))[0]
                 try:
                     result, dirty = change(ledger)
                     if dirty:
@@ -135,7 +136,7 @@ class Ledgers:
                 return result
             raise LedgerBusy(f"ledger of node {node} kept changing under us")
 
-    async def _current(self, node: str, pool: PoolSpec | None) -> NodeLedger | None:
+    async def _current(self, node: str, pool: PoolConfig | None) -> NodeLedger | None:
         ledger = self._cache.get(node)
         if ledger is None:
             ledger = await self._store.load(node)

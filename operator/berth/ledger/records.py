@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from berth.allocator import Assignment, NodePool
 from berth.allocator.ranges import PortRange
+from berth.api.pools import PoolConfig
 
 POOL_KEY = "pool"
 
@@ -31,27 +32,17 @@ class Holder:
     role: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class PoolSpec:
-    """The pool a node's ledger was last allocated from."""
+def encode_pool(pool: PoolConfig) -> str:
+    ranges = ",".join(map(str, pool.ranges))
+    reserved = ",".join(map(str, pool.reserved))
+    return f"{pool.name} {ranges} reserved={reserved}"
 
-    name: str
-    ranges: tuple[PortRange, ...]
-    reserved: tuple[PortRange, ...] = ()
 
-    def encode(self) -> str:
-        ranges = ",".join(map(str, self.ranges))
-        reserved = ",".join(map(str, self.reserved))
-        return f"{self.name} {ranges} reserved={reserved}"
-
-    @classmethod
-    def decode(cls, text: str) -> PoolSpec:
-        name, ranges, reserved = text.split(" ")
-        return cls(
-            name,
-            _parse_ranges(ranges),
-            _parse_ranges(reserved.removeprefix("reserved=")),
-        )
+def decode_pool(text: str) -> PoolConfig:
+    name, ranges, reserved = text.split(" ")
+    return PoolConfig(
+        name, _parse_ranges(ranges), _parse_ranges(reserved.removeprefix("reserved="))
+    )
 
 
 def _parse_ranges(text: str) -> tuple[PortRange, ...]:
@@ -63,17 +54,17 @@ class NodeLedger:
     """One node's allocations plus who holds them; the allocator stays pure."""
 
     node: str
-    pool_spec: PoolSpec
+    pool_config: PoolConfig
     pool: NodePool
     holders: dict[str, Holder]
     resource_version: str | None = None
 
     @classmethod
-    def empty(cls, node: str, pool_spec: PoolSpec) -> NodeLedger:
-        return cls(node, pool_spec, NodePool(pool_spec.ranges, pool_spec.reserved), {})
+    def empty(cls, node: str, pool_config: PoolConfig) -> NodeLedger:
+        return cls(node, pool_config, NodePool(pool_config.ranges, pool_config.reserved), {})
 
     def encode(self) -> dict[str, str]:
-        data = {POOL_KEY: self.pool_spec.encode()}
+        data = {POOL_KEY: encode_pool(self.pool_config)}
         for uid, text in self.pool.encode().items():
             h = self.holders[uid]
             data[uid] = f"{h.namespace} {h.pod} {h.deployment or '-'} {h.role or '-'} {text}"
@@ -83,7 +74,7 @@ class NodeLedger:
     def decode(
         cls, node: str, data: Mapping[str, str], resource_version: str | None = None
     ) -> NodeLedger:
-        pool_spec = PoolSpec.decode(data[POOL_KEY])
+        pool_config = decode_pool(data[POOL_KEY])
         holders: dict[str, Holder] = {}
         records: dict[str, str] = {}
         for uid, line in data.items():
@@ -94,8 +85,8 @@ class NodeLedger:
                 namespace, pod, uid, deployment.strip("-"), role.strip("-")
             )
             records[uid] = blocks
-        pool = NodePool.decode(pool_spec.ranges, pool_spec.reserved, records)
-        return cls(node, pool_spec, pool, holders, resource_version)
+        pool = NodePool.decode(pool_config.ranges, pool_config.reserved, records)
+        return cls(node, pool_config, pool, holders, resource_version)
 
     def held(self) -> list[tuple[Holder, Assignment]]:
         return [(self.holders[a.owner], a) for a in self.pool.assignments()]
