@@ -135,14 +135,15 @@ def open_api_schema(resource: Resource) -> Schema:
                 "description": "API version of the object: berth.dev/v1alpha1.",
             },
             "kind": {"type": "string", "description": f"Kind of the object: {resource.kind}."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server allows nothing but the type here.
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },
     }
     if resource.root_validations:
         root["x-kubernetes-validations"] = list(resource.root_validations)
-    missing = missing_descriptions(root)
+    missing = [p for p in missing_descriptions(root) if p != ".metadata"]
     if missing:
         raise SchemaError(f"{resource.kind}: fields without a description: {missing}")
     return root

@@ -155,7 +155,6 @@ class PortBlock(ApiModel):
                 "!has(self.env) || self.env.all(e, self.env.exists_one(f, f.name == e.name))",
                 "env names must be unique within a port block",
                 field_path=".env",
-                reason="FieldValueDuplicate",
             ),
         )
     )
@@ -197,7 +196,6 @@ PortBlocks = Annotated[
             cel(
                 "self.all(b, self.exists_one(c, c.name == b.name))",
                 "port block names must be unique",
-                reason="FieldValueDuplicate",
             )
         ),
     ),
@@ -315,7 +313,6 @@ class PodSpecTemplate(OpenModel):
                 "self.containers.all(c, self.containers.exists_one(d, d.name == c.name))",
                 "container names must be unique",
                 field_path=".containers",
-                reason="FieldValueDuplicate",
             )
         )
     )
@@ -486,7 +483,6 @@ class InferenceDeploymentSpec(ApiModel):
                 cel(
                     "self.all(r, self.exists_one(s, s.name == r.name))",
                     "role names must be unique",
-                    reason="FieldValueDuplicate",
                 )
             ),
         ),

@@ -156,8 +156,8 @@ class NodePortPoolSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "self.ranges.all(a, self.ranges.exists_one(b, "
-                "a.start <= b.end && b.start <= a.end))",
+                "self.ranges.all(a, a.start > a.end || self.ranges.exists_one(b, "
+                "b.start <= b.end && a.start <= b.end && b.start <= a.end))",
                 _OVERLAP_MESSAGE,
                 field_path=".ranges",
             ),

@@ -1,0 +1,478 @@
+"""Engine presets: which blocks each engine gets, overrides, size rules, and the
+rank-offset semantics that keep every DP rank's ports inside its pod's block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from berth.allocator.ranges import PortRange
+from berth.api import InferenceDeployment, InferenceDeploymentSpec, RoleSpec
+from berth.api.presets import (
+    PRESETS,
+    EnvBinding,
+    PresetError,
+    ResolvedBlock,
+    ResolvedRole,
+    first_global_rank,
+    parse_version,
+    port_env,
+    resolve_role,
+)
+
+
+def spec(
+    preset: str = "vllm",
+    version: str | None = None,
+    ports: list[dict[str, Any]] | None = None,
+    **role: Any,
+) -> InferenceDeploymentSpec:
+    engine: dict[str, Any] = {"preset": preset}
+    if version is not None:
+        engine["version"] = version
+    body: dict[str, Any] = {
+        "engine": engine,
+        "roles": [
+            {
+                "name": "worker",
+                "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+                **role,
+            }
+        ],
+    }
+    if ports is not None:
+        body["ports"] = ports
+    return InferenceDeploymentSpec.model_validate(body)
+
+
+def resolve(preset: str = "vllm", version: str | None = None, **kw: Any) -> ResolvedRole:
+    s = spec(preset, version, **kw)
+    return resolve_role(s, s.roles[0])
+
+
+def blocks(role: ResolvedRole) -> dict[str, ResolvedBlock]:
+    return {b.name: b for b in role.blocks}
+
+
+def env(role: ResolvedRole) -> dict[str, tuple[str, str, int]]:
+    return {e.name: (b.name, e.value, e.ports_per_rank) for b in role.blocks for e in b.env}
+
+
+# ------------------------------------------------------------------- vLLM
+
+
+def test_vllm_current_single_engine() -> None:
+    role = resolve(tensorParallelSize=4)
+    assert [b.name for b in role.blocks] == ["http", "nixl", "kv-events", "internal"]
+    sizes = {b.name: b.size for b in role.blocks}
+    assert sizes == {"http": 1, "nixl": 1, "kv-events": 1, "internal": 4 * 4 + 32}
+    assert env(role) == {
+        "BERTH_HTTP_PORT": ("http", "start", 0),
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": ("nixl", "rankBase", 1),
+        "BERTH_KV_EVENTS_PORT": ("kv-events", "rankBase", 1),
+        "VLLM_PORT": ("internal", "start", 0),
+    }
+    assert role.bind_address_env == ("VLLM_NIXL_SIDE_CHANNEL_HOST",)
+    assert role.static_env == {}
+    assert role.preset == "vllm"
+    assert role.rules == ">=0.11.1"
+
+
+def test_vllm_current_data_parallel() -> None:
+    role = resolve(tensorParallelSize=2, dataParallelSize=8, dataParallelSizeLocal=4, replicas=2)
+    sizes = {b.name: b.size for b in role.blocks}
+    # One NIXL listener and one KV-events publisher per DP engine in the pod.
+    assert sizes["nixl"] == 4 and sizes["kv-events"] == 4
+    assert sizes["dp-rpc"] == 1
+    assert sizes["internal"] == 2 * 4 * 4 + 32
+    assert env(role)["BERTH_DP_RPC_PORT"] == ("dp-rpc", "start", 0)
+
+
+def test_vllm_before_0_11_1_has_a_nixl_port_per_tp_worker() -> None:
+    role = resolve(version="0.10.2", tensorParallelSize=4, dataParallelSize=2)
+    nixl = blocks(role)["nixl"]
+    assert nixl.size == 4 * 2
+    assert nixl.env == (EnvBinding("VLLM_NIXL_SIDE_CHANNEL_PORT", "rankBase", 4),)
+    assert role.rules == ">=0.9.0,<0.11.1"
+
+
+@pytest.mark.parametrize(
+    ("version", "rules"),
+    [
+        ("0.11.1", ">=0.11.1"),
+        ("v0.11.1", ">=0.11.1"),
+        ("0.11.1rc2", ">=0.11.1"),
+        ("0.12", ">=0.11.1"),
+        ("1.4.0", ">=0.11.1"),  # newer than Berth knows: the newest rules
+        ("0.11.0", ">=0.9.0,<0.11.1"),
+        ("0.9", ">=0.9.0,<0.11.1"),
+    ],
+)
+def test_vllm_version_selects_rules(version: str, rules: str) -> None:
+    assert resolve(version=version).rules == rules
+
+
+def test_vllm_too_old_is_a_preset_error() -> None:
+    with pytest.raises(PresetError, match=r"supports vLLM 0\.9\.0 and newer, not 0\.8\.5"):
+        resolve(version="0.8.5")
+
+
+def test_unparseable_version_is_a_preset_error() -> None:
+    with pytest.raises(PresetError, match="not a version"):
+        PRESETS["vllm"].rules_for("latest")
+    assert parse_version("v0.11.1.post1") == (0, 11, 1)
+    assert parse_version("0.12") == (0, 12, 0)
+
+
+# ----------------------------------------------------------- Dynamo, SGLang
+
+
+def test_dynamo_vllm() -> None:
+    role = resolve("dynamo-vllm", tensorParallelSize=2, dataParallelSize=2)
+    assert [b.name for b in role.blocks] == [
+        "system",
+        "request",
+        "nixl",
+        "kv-events",
+        "dp-rpc",
+        "internal",
+    ]
+    e = env(role)
+    assert e["DYN_SYSTEM_PORT"] == ("system", "start", 0)
+    assert e["DYN_TCP_RPC_PORT"] == ("request", "start", 0)
+    # Both KV-events conventions point into the same block.
+    assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
+    assert e["DYN_VLLM_KV_EVENT_PORT"] == ("kv-events", "start", 0)
+    assert "BERTH_HTTP_PORT" not in e  # the Dynamo frontend serves HTTP, not the worker
+    assert role.static_env == {"DYN_SYSTEM_ENABLED": "true"}
+    assert role.bind_address_env == ("VLLM_NIXL_SIDE_CHANNEL_HOST",)
+
+
+def test_dynamo_vllm_old_vllm_inside() -> None:
+    role = resolve("dynamo-vllm", "0.10.1", tensorParallelSize=8)
+    assert blocks(role)["nixl"].size == 8
+    with pytest.raises(PresetError, match="vLLM version inside the Dynamo image"):
+        resolve("dynamo-vllm", "0.7.0")
+
+
+def test_sglang() -> None:
+    role = resolve("sglang", tensorParallelSize=8, dataParallelSize=8)
+    sizes = {b.name: b.size for b in role.blocks}
+    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": 8 + 8, "nccl": 1, "kv-events": 8}
+    e = env(role)
+    assert e["BERTH_DIST_INIT_PORT"] == ("dist-init", "start", 0)
+    assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
+    assert role.bind_address_env == ()
+
+
+def test_custom_has_no_blocks_but_takes_explicit_ones() -> None:
+    assert resolve("custom").blocks == ()
+    role = resolve(
+        "custom",
+        ports=[
+            {"name": "api", "size": 1, "env": [{"name": "API_PORT"}]},
+            {
+                "name": "agents",
+                "sizeRule": {"basis": "perRank", "multiplier": 2},
+                "align": 8,
+                "env": [{"name": "TRTLLM_NIXL_PORT", "value": "rankBase", "portsPerRank": 2}],
+            },
+        ],
+        tensorParallelSize=4,
+    )
+    assert role.blocks == (
+        ResolvedBlock("api", 1, 1, (EnvBinding("API_PORT", "start", 0),)),
+        ResolvedBlock("agents", 8, 8, (EnvBinding("TRTLLM_NIXL_PORT", "rankBase", 2),)),
+    )
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def test_deployment_ports_override_preset_and_role_ports_override_both() -> None:
+    s = InferenceDeploymentSpec.model_validate(
+        {
+            "engine": {"preset": "vllm"},
+            "ports": [
+                {"name": "internal", "size": 100},
+                {"name": "metrics", "size": 1, "env": [{"name": "METRICS_PORT"}]},
+            ],
+            "roles": [
+                {
+                    "name": "prefill",
+                    "ports": [
+                        {"name": "internal", "sizeRule": {"basis": "perRank", "plus": 8}},
+                        {"name": "kv-events", "enabled": False},
+                        {"name": "http", "align": 10},
+                    ],
+                    "tensorParallelSize": 4,
+                    "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+                },
+                {
+                    "name": "decode",
+                    "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+                },
+            ],
+        }
+    )
+    prefill = blocks(resolve_role(s, s.roles[0]))
+    decode = blocks(resolve_role(s, s.roles[1]))
+    assert list(prefill) == ["http", "nixl", "internal", "metrics"]
+    assert prefill["internal"].size == 4 + 8  # role rule replaced the deployment's size
+    assert prefill["http"].align == 10
+    assert prefill["http"].env == (EnvBinding("BERTH_HTTP_PORT", "start", 0),)  # env kept
+    assert decode["internal"].size == 100
+    assert "kv-events" in decode
+    assert decode["metrics"].env == (EnvBinding("METRICS_PORT", "start", 0),)
+
+
+def test_override_env_replaces_the_preset_list() -> None:
+    role = resolve(ports=[{"name": "http", "env": [{"name": "PORT"}]}])
+    assert blocks(role)["http"].env == (EnvBinding("PORT", "start", 0),)
+    assert "BERTH_HTTP_PORT" not in env(role)
+
+
+def test_role_engine_override() -> None:
+    s = InferenceDeploymentSpec.model_validate(
+        {
+            "engine": {"preset": "vllm"},
+            "roles": [
+                {
+                    "name": "router",
+                    "engine": {"preset": "custom"},
+                    "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+                }
+            ],
+        }
+    )
+    assert resolve_role(s, s.roles[0]).blocks == ()
+
+
+def test_new_block_without_size_is_a_preset_error() -> None:
+    with pytest.raises(PresetError, match="neither size nor sizeRule"):
+        resolve(ports=[{"name": "extra", "env": [{"name": "X"}]}])
+
+
+def test_env_bound_twice_is_a_preset_error() -> None:
+    with pytest.raises(PresetError, match=r"BERTH_HTTP_PORT .* already set by port block 'http'"):
+        resolve(ports=[{"name": "other", "size": 1, "env": [{"name": "BERTH_HTTP_PORT"}]}])
+    with pytest.raises(PresetError, match="already set by bindAddressEnv"):
+        resolve(
+            ports=[{"name": "other", "size": 1, "env": [{"name": "VLLM_NIXL_SIDE_CHANNEL_HOST"}]}]
+        )
+
+
+def test_rank_base_needs_whole_ports_per_rank() -> None:
+    with pytest.raises(PresetError, match="not a multiple of dataParallelSizeLocal 4"):
+        resolve(
+            dataParallelSize=4,
+            ports=[{"name": "x", "size": 6, "env": [{"name": "X", "value": "rankBase"}]}],
+        )
+    with pytest.raises(PresetError, match="do not fit"):
+        resolve(
+            dataParallelSize=4,
+            ports=[
+                {
+                    "name": "x",
+                    "size": 6,
+                    "env": [{"name": "X", "value": "rankBase", "portsPerRank": 2}],
+                }
+            ],
+        )
+
+
+def test_block_larger_than_the_limit_is_a_preset_error() -> None:
+    with pytest.raises(PresetError, match="needs 9216 ports"):
+        resolve(
+            dataParallelSize=1024,
+            ports=[{"name": "x", "sizeRule": {"basis": "perRank", "multiplier": 9}}],
+        )
+
+
+@pytest.mark.parametrize(
+    ("basis", "multiplier", "plus", "expected"),
+    [
+        ("perDataParallelRank", 1, 0, 4),
+        ("perDataParallelRank", 3, 2, 14),
+        ("perRank", 1, 0, 8),
+        ("perRank", 2, 1, 17),
+        ("perGlobalDataParallelRank", 1, 0, 8),
+        ("perGlobalDataParallelRank", 2, 5, 21),
+    ],
+)
+def test_size_rules(basis: str, multiplier: int, plus: int, expected: int) -> None:
+    role = resolve(
+        "custom",
+        tensorParallelSize=2,
+        dataParallelSize=8,
+        dataParallelSizeLocal=4,
+        replicas=2,
+        ports=[{"name": "x", "sizeRule": {"basis": basis, "multiplier": multiplier, "plus": plus}}],
+    )
+    assert role.blocks[0].size == expected
+
+
+# ------------------------------------------------------------ rank offsets
+
+
+def test_first_global_rank() -> None:
+    role = spec(dataParallelSize=8, dataParallelSizeLocal=2, replicas=8).roles[0]
+    assert [first_global_rank(role, i) for i in range(8)] == [0, 2, 4, 6, 0, 2, 4, 6]
+    whole = spec(dataParallelSize=8, replicas=3).roles[0]
+    assert [first_global_rank(whole, i) for i in range(3)] == [0, 0, 0]
+    with pytest.raises(ValueError, match="pod index"):
+        first_global_rank(whole, -1)
+
+
+def test_port_env_worked_example() -> None:
+    """The docs/api.md example: decode pod 1 of a DP-8 group, 2 ranks per pod."""
+    role = resolve(tensorParallelSize=2, dataParallelSize=8, dataParallelSizeLocal=2, replicas=4)
+    assigned = {
+        "http": PortRange(20000, 20000),
+        "nixl": PortRange(20001, 20002),
+        "kv-events": PortRange(20003, 20004),
+        "dp-rpc": PortRange(20005, 20005),
+        "internal": PortRange(20006, 20053),
+    }
+    values = port_env(role, assigned, first_rank=2)
+    assert values == {
+        "BERTH_HTTP_PORT": "20000",
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": "19999",  # + rank 2 = 20001, + rank 3 = 20002
+        "BERTH_KV_EVENTS_PORT": "20001",  # + rank 2 = 20003, + rank 3 = 20004
+        "BERTH_DP_RPC_PORT": "20005",
+        "VLLM_PORT": "20006",
+    }
+
+
+def test_port_env_errors() -> None:
+    role = ResolvedRole(blocks=(ResolvedBlock("nixl", 2, 1, (EnvBinding("N", "rankBase", 2),)),))
+    with pytest.raises(PresetError, match="no ports assigned for block 'nixl'"):
+        port_env(role, {}, 0)
+    with pytest.raises(PresetError, match="needs 2 ports"):
+        port_env(role, {"nixl": PortRange(100, 100)}, 0)
+    with pytest.raises(PresetError, match="is not a port"):
+        port_env(role, {"nixl": PortRange(5, 6)}, 3)
+    assert port_env(role, {"nixl": PortRange(10, 11)}, 3) == {"N": "4"}
+
+
+# What each engine does with the value it is given, written from the engines'
+# sources (not from Berth's code): the ports every DP engine of the pod binds.
+
+
+def vllm_nixl_ports(base: int, tp: int, global_ranks: range, per_engine: bool) -> list[int]:
+    if per_engine:  # base + data_parallel_index (scheduler-side listener)
+        return [base + g for g in global_ranks]
+    # base + dp_rank * tp_size, then each TP worker listens on + tp_rank
+    return [base + g * tp + t for g in global_ranks for t in range(tp)]
+
+
+def kv_events_ports(base: int, global_ranks: range) -> list[int]:
+    # offset_endpoint_port(endpoint, data_parallel_rank): base + rank
+    return [base + g for g in global_ranks]
+
+
+def dynamo_kv_ports(env_value: int, first_rank: int, global_ranks: range) -> list[int]:
+    # Dynamo builds tcp://*:{kv_port - dp_rank}; vLLM adds each engine's index.
+    return [env_value - first_rank + g for g in global_ranks]
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
+    tp = draw(st.sampled_from([1, 2, 4, 8]))
+    dp_local = draw(st.sampled_from([1, 2, 4, 8]))
+    groups = draw(st.integers(1, 8))
+    dp = dp_local * groups
+    replicas = groups * draw(st.integers(1, 3))
+    pod = draw(st.integers(0, replicas - 1))
+    return tp, dp, dp_local, replicas, pod
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    layout=layouts(),
+    preset=st.sampled_from(["vllm", "dynamo-vllm", "sglang"]),
+    version=st.sampled_from([None, "0.10.2"]),
+    start=st.integers(1024, 60000),
+)
+def test_every_rank_binds_inside_its_pods_blocks(
+    layout: tuple[int, int, int, int, int], preset: str, version: str | None, start: int
+) -> None:
+    tp, dp, dp_local, replicas, pod = layout
+    if preset == "sglang":
+        version = None
+    s = spec(
+        preset,
+        version,
+        tensorParallelSize=tp,
+        dataParallelSize=dp,
+        dataParallelSizeLocal=dp_local,
+        replicas=replicas,
+    )
+    role_spec: RoleSpec = s.roles[0]
+    role = resolve_role(s, role_spec)
+    # Lay the blocks out back to back from `start`, as an allocator might.
+    assigned: dict[str, PortRange] = {}
+    cursor = start
+    for block in role.blocks:
+        assigned[block.name] = PortRange(cursor, cursor + block.size - 1)
+        cursor += block.size
+    first = first_global_rank(role_spec, pod)
+    ranks = range(first, first + dp_local)
+    assert first % dp_local == 0 and first + dp_local <= dp
+    values = {k: int(v) for k, v in port_env(role, assigned, first).items()}
+
+    def inside(ports: list[int], block: str) -> None:
+        span = assigned[block]
+        assert ports, block
+        assert all(p in span for p in ports), (block, span, ports)
+        assert len(set(ports)) == len(ports)
+
+    if preset in ("vllm", "dynamo-vllm"):
+        per_engine = version is None
+        inside(
+            vllm_nixl_ports(values["VLLM_NIXL_SIDE_CHANNEL_PORT"], tp, ranks, per_engine), "nixl"
+        )
+        if per_engine:
+            assert len(vllm_nixl_ports(0, tp, ranks, True)) == assigned["nixl"].size
+    inside(kv_events_ports(values["BERTH_KV_EVENTS_PORT"], ranks), "kv-events")
+    if preset == "dynamo-vllm":
+        inside(dynamo_kv_ports(values["DYN_VLLM_KV_EVENT_PORT"], first, ranks), "kv-events")
+    for name, (block_name, value, _) in env(role).items():
+        if value == "start":
+            assert values[name] == assigned[block_name].start
+
+
+def test_a_second_pod_on_the_node_gets_disjoint_ports() -> None:
+    """Two pods of one DP group on one node: both rank sets bind, none collide."""
+    s = spec(tensorParallelSize=1, dataParallelSize=4, dataParallelSizeLocal=2, replicas=2)
+    role = resolve_role(s, s.roles[0])
+    nixl = blocks(role)["nixl"]
+    pod0 = {"nixl": PortRange(20000, 20001)}
+    pod1 = {"nixl": PortRange(20002, 20003)}
+    only_nixl = ResolvedRole(blocks=(nixl,))
+    base0 = int(
+        port_env(only_nixl, pod0, first_global_rank(s.roles[0], 0))["VLLM_NIXL_SIDE_CHANNEL_PORT"]
+    )
+    base1 = int(
+        port_env(only_nixl, pod1, first_global_rank(s.roles[0], 1))["VLLM_NIXL_SIDE_CHANNEL_PORT"]
+    )
+    bound0 = vllm_nixl_ports(base0, 1, range(0, 2), True)
+    bound1 = vllm_nixl_ports(base1, 1, range(2, 4), True)
+    assert bound0 == [20000, 20001] and bound1 == [20002, 20003]
+    # Handing out the block start instead (the llm-d-router#2227 bug) would make
+    # pod 1's ranks 2 and 3 bind 20004-20005: outside its block.
+    assert vllm_nixl_ports(pod1["nixl"].start, 1, range(2, 4), True) == [20004, 20005]
+
+
+def test_deployment_example_resolves() -> None:
+    path = Path(__file__).resolve().parents[2] / "examples" / "vllm-disagg.yaml"
+    d = InferenceDeployment.model_validate(yaml.safe_load(path.read_text()))
+    prefill, decode = (resolve_role(d.spec, r) for r in d.spec.roles)
+    assert "kv-replay" in blocks(prefill)
+    assert "kv-events" not in blocks(decode)
+    assert blocks(decode)["nixl"].size == 4
