@@ -150,7 +150,7 @@ def test_template_passes_unknown_pod_fields_through() -> None:
     container["ports"] = [{"containerPort": 9999, "name": "debug"}]
     container["env"] = [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     container["readinessProbe"] = {"httpGet": {"path": "/health", "port": 8000}}
-    container["resources"] = {"limits": {"nvidia.com/gpu": 4, "memory": "64Gi"}}
+    container["resources"] = {"limits": {"nvidia.com/gpu": 4, "memory": "64Gi", "cpu": 0.5}}
     d = InferenceDeployment.model_validate(doc)
     dumped = d.spec.roles[0].template.model_dump(mode="json", by_alias=True, exclude_none=True)
     out = dumped["spec"]
@@ -162,7 +162,7 @@ def test_template_passes_unknown_pod_fields_through() -> None:
     assert c["ports"] == [{"containerPort": 9999, "name": "debug"}]
     assert c["env"] == [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     assert c["readinessProbe"] == {"httpGet": {"path": "/health", "port": 8000}}
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 4, "memory": "64Gi"}}
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 4, "memory": "64Gi", "cpu": 0.5}}
     assert "command" not in c  # unset optional fields do not become empty lists
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from berth.api.common import (
     API_VERSION,
@@ -34,8 +34,12 @@ MAX_BLOCKS = 16
 MAX_DEPLOYMENT_NAME = 40
 MAX_ROLE_NAME = 16
 
-Quantity = int | str
-"""A Kubernetes resource quantity (``4``, ``"500m"``, ``"16Gi"``)."""
+#: A resource quantity (``4``, ``0.5``, ``"500m"``, ``"16Gi"``). Any JSON scalar
+#: passes the schema, as it does in a Pod; the API server parses the Pod's.
+Quantity = Annotated[
+    int | float | str,
+    WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True}),
+]
 
 
 def _unique(names: list[str], what: str) -> None:
