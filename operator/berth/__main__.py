@@ -15,12 +15,22 @@ from berth.config import OperatorConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="berth", description=__doc__)
-    parser.add_argument("--liveness", default=os.environ.get("BERTH_LIVENESS", ""),
-                        help="e.g. http://0.0.0.0:8081/healthz")
-    parser.add_argument("--priority", type=int, default=int(os.environ.get("BERTH_PRIORITY", "0")),
-                        help="kopf peering priority: the highest live replica is active")
-    parser.add_argument("--peering", default=os.environ.get("BERTH_PEERING", ""),
-                        help="ClusterKopfPeering name; empty runs standalone")
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("BERTH_LIVENESS", ""),
+        help="e.g. http://0.0.0.0:8081/healthz",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=int(os.environ.get("BERTH_PRIORITY", "0")),
+        help="kopf peering priority: the highest live replica is active",
+    )
+    parser.add_argument(
+        "--peering",
+        default=os.environ.get("BERTH_PEERING", ""),
+        help="ClusterKopfPeering name; empty runs standalone",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(

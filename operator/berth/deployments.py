@@ -25,11 +25,8 @@ from berth.names import (
     ANNOTATION_PORTS,
     GROUP,
     LABEL_DEPLOYMENT,
-    LABEL_INDEX,
-    LABEL_ROLE,
     VERSION,
     pod_name,
-    port_map_configmap,
 )
 from berth.plan import PortPlan
 from berth.ports import EventSink, Waiting, is_terminated
@@ -50,8 +47,7 @@ class RoleCounts:
 def _is_ready(pod: Mapping[str, Any]) -> bool:
     status = pod.get("status", {})
     return status.get("phase") == "Running" and any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions", [])
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
     )
 
 
@@ -142,27 +138,21 @@ class DeploymentService:
                     continue
                 if pod is None:
                     plan = PortPlan(resolved, first_global_rank(role, index))
-                    manifest = worker_pod(
-                        body,
-                        role.name,
-                        index,
-                        template,
-                        plan,
-                        resolved.bind_address_env,
-                        resolved.static_env,
-                    )
+                    manifest = worker_pod(body, role.name, index, template, plan)
                     error_text = await self._create_pod(manifest)
                     if error_text:
                         problems.append(f"pod {pname}: {error_text}")
                     continue
                 count.ready += _is_ready(pod)
-                count.allocated += bool(pod["metadata"].get("annotations", {}).get(ANNOTATION_PORTS))
+                count.allocated += bool(
+                    pod["metadata"].get("annotations", {}).get(ANNOTATION_PORTS)
+                )
         for pname, pod in by_name.items():
             if pname not in wanted and not pod["metadata"].get("deletionTimestamp"):
                 await self._delete_pod(namespace, pname, pod["metadata"]["uid"])
         live = [p for n, p in by_name.items() if n in wanted and not is_terminated(p)]
         await self._write_port_map(body, live)
-        await self._write_status(body, deployment, counts, live, problems, generation)
+        await self._write_status(body, counts, live, problems, generation)
 
     async def _create_pod(self, manifest: Body) -> str | None:
         meta = manifest["metadata"]
@@ -177,7 +167,9 @@ class DeploymentService:
     async def _delete_pod(self, namespace: str, name: str, uid: str) -> None:
         precondition = {"preconditions": {"uid": uid}}
         try:
-            await self.client.delete(kube.path("pods", namespace=namespace, name=name), precondition)
+            await self.client.delete(
+                kube.path("pods", namespace=namespace, name=name), precondition
+            )
         except KubeError as error:
             if not error.conflict:
                 raise
@@ -204,7 +196,6 @@ class DeploymentService:
     async def _write_status(
         self,
         body: Mapping[str, Any],
-        deployment: InferenceDeployment,
         counts: list[RoleCounts],
         live: list[Body],
         problems: list[str],
@@ -212,7 +203,8 @@ class DeploymentService:
     ) -> None:
         meta = body["metadata"]
         waiting = [
-            w for w in self.waiting.values()
+            w
+            for w in self.waiting.values()
             if w.pod["metadata"]["namespace"] == meta["namespace"]
             and w.pod["metadata"].get("labels", {}).get(LABEL_DEPLOYMENT) == meta["name"]
         ]
@@ -229,33 +221,55 @@ class DeploymentService:
             ports_msg = f"{allocated} of {desired} pods have their ports"
         all_ready = ready == desired and not problems and not waiting
         conditions = [
-            _condition("Ready", all_ready, "AllReady" if all_ready else "NotReady",
-                       f"{ready}/{desired} pods ready", generation),
-            _condition("Progressing", not all_ready and not problems,
-                       "Reconciling" if not all_ready else "Complete",
-                       f"{allocated}/{desired} allocated, {ready}/{desired} ready", generation),
+            _condition(
+                "Ready",
+                all_ready,
+                "AllReady" if all_ready else "NotReady",
+                f"{ready}/{desired} pods ready",
+                generation,
+            ),
+            _condition(
+                "Progressing",
+                not all_ready and not problems,
+                "Reconciling" if not all_ready else "Complete",
+                f"{allocated}/{desired} allocated, {ready}/{desired} ready",
+                generation,
+            ),
             _condition("PortsAllocated", ports_ok, ports_reason, ports_msg, generation),
-            _condition("Degraded", bool(problems), "ReconcileError" if problems else "AsExpected",
-                       "; ".join(problems)[:1000] or "no problems", generation),
+            _condition(
+                "Degraded",
+                bool(problems),
+                "ReconcileError" if problems else "AsExpected",
+                "; ".join(problems)[:1000] or "no problems",
+                generation,
+            ),
         ]
         status = {
             "observedGeneration": generation,
-            "conditions": _merge_conditions(body.get("status", {}).get("conditions", []), conditions),
+            "conditions": _merge_conditions(
+                body.get("status", {}).get("conditions", []), conditions
+            ),
             "roles": [c.__dict__ for c in counts],
             "summary": _summary(live),
             **{c.name: f"{c.ready}/{c.desired}" for c in counts if c.name in ("prefill", "decode")},
         }
         if problems and problems != body.get("status", {}).get("problems"):
-            self.post_event(body, type="Warning", reason="ReconcileError", message=problems[0][:1000])
+            self.post_event(
+                body, type="Warning", reason="ReconcileError", message=problems[0][:1000]
+            )
         await self._patch_status(meta["namespace"], meta["name"], status)
 
-    async def _degraded(self, body: Mapping[str, Any], reason: str, message: str, generation: int) -> None:
+    async def _degraded(
+        self, body: Mapping[str, Any], reason: str, message: str, generation: int
+    ) -> None:
         self.post_event(body, type="Warning", reason=reason, message=message)
         meta = body["metadata"]
         condition = _condition("Degraded", True, reason, message, generation)
         conditions = _merge_conditions(body.get("status", {}).get("conditions", []), [condition])
         await self._patch_status(
-            meta["namespace"], meta["name"], {"observedGeneration": generation, "conditions": conditions}
+            meta["namespace"],
+            meta["name"],
+            {"observedGeneration": generation, "conditions": conditions},
         )
 
     async def _patch_status(self, namespace: str, name: str, status: Body) -> None:

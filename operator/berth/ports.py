@@ -15,9 +15,9 @@ from typing import Any, Protocol
 from berth import audit, kube, metrics
 from berth.allocator import PoolExhausted
 from berth.allocator.ranges import PortRange
+from berth.api.pools import PoolConfig
 from berth.kube import Kube, KubeError
 from berth.ledger.ledgers import Allocation, Ledgers
-from berth.api.pools import PoolConfig
 from berth.ledger.records import Holder
 from berth.names import ANNOTATION_PORTS, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from berth.plan import PlanError, PortPlan
@@ -38,7 +38,9 @@ class ClusterView(Protocol):
 
 
 class EventSink(Protocol):
-    def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None: ...
+    def __call__(
+        self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+    ) -> None: ...
 
 
 def is_terminated(pod: Mapping[str, Any]) -> bool:

@@ -50,8 +50,6 @@ def worker_pod(
     index: int,
     template: Mapping[str, Any],
     plan: PortPlan,
-    bind_address_env: tuple[str, ...] = (),
-    static_env: Mapping[str, str] | None = None,
 ) -> Body:
     """The pod for worker ``index`` of ``role``.
 
@@ -70,9 +68,9 @@ def worker_pod(
     ip_field = "status.hostIP" if spec["hostNetwork"] else "status.podIP"
     injected: list[Body] = [
         {"name": env, "valueFrom": {"fieldRef": {"fieldPath": ip_field}}}
-        for env in bind_address_env
+        for env in plan.role.bind_address_env
     ]
-    injected += [{"name": k, "value": v} for k, v in (static_env or {}).items()]
+    injected += [{"name": k, "value": v} for k, v in plan.role.static_env.items()]
     injected += [
         {
             "name": env,

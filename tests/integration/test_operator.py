@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from berth.allocator.ranges import PortRange
 from tests.support.invariants import (
     LedgerWatcher,
     assert_no_leak,
@@ -37,6 +35,8 @@ from tests.support.scenarios import (
     pods_of,
     run_example_scenario,
 )
+
+from berth.allocator.ranges import PortRange
 
 Body = dict[str, Any]
 
@@ -145,14 +145,16 @@ def test_example_in_two_namespaces_gets_disjoint_ports_inside_each_pool(
             cluster.kubectl("get", "cm", "-n", namespace, f"{name}-port-map", "-o", "json").stdout
         )
         wait_for(
-            lambda: len(
-                json.loads(
-                    cluster.kubectl(
-                        "get", "cm", "-n", namespace, f"{name}-port-map", "-o", "json"
-                    ).stdout
-                )["data"]
-            )
-            == want,
+            lambda: (
+                len(
+                    json.loads(
+                        cluster.kubectl(
+                            "get", "cm", "-n", namespace, f"{name}-port-map", "-o", "json"
+                        ).stdout
+                    )["data"]
+                )
+                == want
+            ),
             timeout=20,
             what="port map lists every worker",
         )
@@ -187,17 +189,13 @@ def assert_env_resolves_inside_pool(cluster: Any, pod: Body, view: Any) -> None:
     )
     plan = json.loads(meta["annotations"]["berth.dev/port-plan"])
     for container in pod["spec"]["containers"]:
-        refs = [
-            e for e in container["env"] if "configMapKeyRef" in e.get("valueFrom", {})
-        ]
+        refs = [e for e in container["env"] if "configMapKeyRef" in e.get("valueFrom", {})]
         assert refs, f"{meta['name']} has no port env"
         for env in refs:
             ref = env["valueFrom"]["configMapKeyRef"]
             assert ref["name"] == f"{meta['name']}-ports"
             value = int(cm["data"][ref["key"]])
-            block = next(
-                b for b in plan["blocks"] if any(e[0] == env["name"] for e in b["env"])
-            )
+            block = next(b for b in plan["blocks"] if any(e[0] == env["name"] for e in b["env"]))
             kind, per_rank = next((e[1], e[2]) for e in block["env"] if e[0] == env["name"])
             first = value + (plan["firstRank"] * per_rank if kind == "rankBase" else 0)
             span = blocks[block["name"]]
@@ -237,12 +235,18 @@ def test_churn_keeps_no_overlap_and_no_leak_and_audit_replays(
                 pods = [p["metadata"]["name"] for p in pods_of(cluster, namespace, name)]
                 if pods:
                     cluster.kubectl(
-                        "delete", "pod", "-n", namespace, rng.choice(pods), "--wait=false",
+                        "delete",
+                        "pod",
+                        "-n",
+                        namespace,
+                        rng.choice(pods),
+                        "--wait=false",
                         check=False,
                     )
             else:
-                cluster.kubectl("delete", "infd", "-n", namespace, name, "--wait=false",
-                                check=False)
+                cluster.kubectl(
+                    "delete", "infd", "-n", namespace, name, "--wait=false", check=False
+                )
             time.sleep(rng.uniform(0.05, 0.4))
         wait_for(lambda: quiet_and_consistent(cluster), timeout=90, what="quiet cluster (I1, I2)")
     assert watcher.states_seen > 10
@@ -316,8 +320,14 @@ def test_pods_deleted_while_operator_down_are_reclaimed_at_start_up(
     gone = {p["metadata"]["uid"] for p in pods_of(cluster, namespace, "missed")}
     cluster.kubectl("delete", "infd", "-n", namespace, "missed", "--wait=false")
     cluster.kubectl(
-        "delete", "pods", "-n", namespace, "-l", "berth.dev/deployment=missed",
-        "--grace-period=0", "--force",
+        "delete",
+        "pods",
+        "-n",
+        namespace,
+        "-l",
+        "berth.dev/deployment=missed",
+        "--grace-period=0",
+        "--force",
     )
     wait_for(lambda: not pods_of(cluster, namespace, "missed"), timeout=60, what="pods gone")
     held = {uid for holders in read_ledgers(cluster).values() for uid in holders}
@@ -352,8 +362,14 @@ def apply_pool(cluster: Any, name: str, node: str, start: int, end: int) -> None
 
 def events_for(cluster: Any, namespace: str, name: str) -> list[Body]:
     out = cluster.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}",
-        "-o", "json",
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.name={name}",
+        "-o",
+        "json",
     ).stdout
     items: list[Body] = json.loads(out)["items"]
     return items
@@ -371,12 +387,16 @@ def test_exhaustion_waits_with_event_and_condition_then_recovers(
         apply_deployment(cluster, namespace, small_deployment("starved", 1, eight, node))
         pod = "starved-worker-0"
         wait_for(
-            lambda: any(e["reason"] == "PortsExhausted" for e in events_for(cluster, namespace, pod)),
+            lambda: any(
+                e["reason"] == "PortsExhausted" for e in events_for(cluster, namespace, pod)
+            ),
             timeout=60,
             what="PortsExhausted event",
         )
         message = next(
-            e["message"] for e in events_for(cluster, namespace, pod) if e["reason"] == "PortsExhausted"
+            e["message"]
+            for e in events_for(cluster, namespace, pod)
+            if e["reason"] == "PortsExhausted"
         )
         assert "8" in message and "largest free run" in message, message
         wait_for(
@@ -386,8 +406,11 @@ def test_exhaustion_waits_with_event_and_condition_then_recovers(
         )
         assert operator.alive()
         cluster.kubectl("delete", "infd", "-n", namespace, "holder")
-        wait_for(lambda: all_allocated(cluster, namespace, "starved", 1), timeout=60,
-                 what="recovery once space frees")
+        wait_for(
+            lambda: all_allocated(cluster, namespace, "starved", 1),
+            timeout=60,
+            what="recovery once space frees",
+        )
         wait_for(
             lambda: status_condition(cluster, namespace, "starved", "PortsAllocated") == "True",
             timeout=30,
@@ -411,16 +434,16 @@ def test_ports_declared_by_other_pods_are_never_handed_out(
             "spec": {
                 "nodeName": node,
                 "hostNetwork": True,
-                "containers": [
-                    {"name": "x", "image": "x:1", "ports": [{"containerPort": 26000}]}
-                ],
+                "containers": [{"name": "x", "image": "x:1", "ports": [{"containerPort": 26000}]}],
             },
         }
         cluster.kubectl("apply", "-f", "-", input=json.dumps(foreign))
         time.sleep(1)  # the index learns it from the watch
         one = [{"name": "http", "size": 4, "env": [{"name": "HTTP_PORT"}]}]
         apply_deployment(cluster, namespace, small_deployment("neighbour", 1, one, node))
-        wait_for(lambda: all_allocated(cluster, namespace, "neighbour", 1), timeout=60, what="alloc")
+        wait_for(
+            lambda: all_allocated(cluster, namespace, "neighbour", 1), timeout=60, what="alloc"
+        )
         pod = pods_of(cluster, namespace, "neighbour")[0]
         ports = json.loads(pod["metadata"]["annotations"]["berth.dev/ports"])
         span = PortRange.parse(ports["http"])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
+
+from kubernetes import watch
 
 from berth.allocator.ranges import PortRange
 from berth.ledger.records import NodeLedger
@@ -48,7 +51,7 @@ def assert_no_overlap(view: LedgerView) -> None:
             for uid, blocks in holders.items()
             for name, rng in blocks.items()
         )
-        for (s1, e1, u1, n1), (s2, e2, u2, n2) in zip(spans, spans[1:], strict=False):
+        for (s1, e1, u1, n1), (s2, e2, u2, n2) in pairwise(spans):
             assert s2 > e1, f"I1 broken on {node}: {u1}/{n1} {s1}-{e1} overlaps {u2}/{n2} {s2}-{e2}"
 
 
@@ -94,8 +97,6 @@ class LedgerWatcher:
         self._thread.join(10)
 
     def _run(self) -> None:
-        from kubernetes import watch
-
         while not self._stop.is_set():
             w = watch.Watch()
             for event in w.stream(
@@ -113,8 +114,12 @@ class LedgerWatcher:
                 try:
                     assert_no_overlap(
                         decode_ledgers(
-                            [{"metadata": {"annotations": cm.metadata.annotations},
-                              "data": cm.data or {}}]
+                            [
+                                {
+                                    "metadata": {"annotations": cm.metadata.annotations},
+                                    "data": cm.data or {},
+                                }
+                            ]
                         )
                     )
                 except AssertionError as error:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tests.support.invariants import (
     assert_no_leak,
     assert_no_overlap,
@@ -50,8 +51,6 @@ def expected_pods(manifest: dict[str, Any]) -> int:
 
 
 def load_example() -> dict[str, Any]:
-    import yaml
-
     docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
     deployment: dict[str, Any] = next(d for d in docs if d["kind"] == "InferenceDeployment")
     return deployment

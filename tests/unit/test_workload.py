@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
 from berth.api import InferenceDeployment
 from berth.api.presets import first_global_rank, resolve_role
 from berth.names import ANNOTATION_PORT_PLAN, ANNOTATION_PORTS, LABEL_DEPLOYMENT
 from berth.plan import PlanError, PortPlan
-from berth.workload import port_map_body, pod_ports_configmap_body, worker_pod
-
-import pytest
+from berth.workload import pod_ports_configmap_body, port_map_body, worker_pod
 
 
 def deployment(**role_extra: Any) -> dict[str, Any]:
@@ -56,9 +56,7 @@ def build(index: int, **role_extra: Any) -> tuple[dict[str, Any], PortPlan]:
     resolved = resolve_role(model.spec, role)
     plan = PortPlan(resolved, first_global_rank(role, index))
     template = role.template.model_dump(mode="json", by_alias=True, exclude_none=True)
-    pod = worker_pod(
-        body, role.name, index, template, plan, resolved.bind_address_env, resolved.static_env
-    )
+    pod = worker_pod(body, role.name, index, template, plan)
     return pod, plan
 
 
@@ -81,7 +79,7 @@ def test_bind_address_is_pod_ip_without_host_network() -> None:
     role = model.spec.roles[0]
     resolved = resolve_role(model.spec, role)
     template = role.template.model_dump(mode="json", by_alias=True, exclude_none=True)
-    pod = worker_pod(body, "decode", 0, template, PortPlan(resolved, 0), resolved.bind_address_env)
+    pod = worker_pod(body, "decode", 0, template, PortPlan(resolved, 0))
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
     assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "status.podIP"
@@ -144,7 +142,10 @@ def test_configmaps_for_pod_and_deployment() -> None:
     cm = pod_ports_configmap_body(pod, {"BERTH_HTTP_PORT": "20000"})
     assert cm["metadata"]["name"] == "llama-decode-0-ports"
     assert cm["metadata"]["ownerReferences"][0] == {
-        "apiVersion": "v1", "kind": "Pod", "name": "llama-decode-0", "uid": "pod-uid"
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": "llama-decode-0",
+        "uid": "pod-uid",
     }
     assert cm["data"] == {"BERTH_HTTP_PORT": "20000"}
     pod["metadata"]["annotations"][ANNOTATION_PORTS] = json.dumps({"http": "20000"})
@@ -154,7 +155,10 @@ def test_configmaps_for_pod_and_deployment() -> None:
     body = port_map_body(deployment(), [pod, other])
     entry = json.loads(body["data"]["llama-decode-0"])
     assert entry == {
-        "role": "decode", "node": "node-a", "hostIP": "10.0.0.7", "podIP": "10.0.0.7",
+        "role": "decode",
+        "node": "node-a",
+        "hostIP": "10.0.0.7",
+        "podIP": "10.0.0.7",
         "ports": {"http": "20000"},
     }
     assert list(body["data"]) == ["llama-decode-0"]

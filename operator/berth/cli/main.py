@@ -68,8 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="berth", description="Berth port ranges")
     sub = parser.add_subparsers(dest="command", required=True)
     ranges = sub.add_parser("ranges", help="print the per-node range map")
-    ranges.add_argument("--namespace", default=OperatorConfig.from_env().namespace,
-                        help="the operator's namespace, where the ledgers live")
+    ranges.add_argument(
+        "--namespace",
+        default=OperatorConfig.from_env().namespace,
+        help="the operator's namespace, where the ledgers live",
+    )
     ranges.add_argument("-o", "--output", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)
     ledgers = asyncio.run(_ledgers(args.namespace))

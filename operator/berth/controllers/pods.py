@@ -16,9 +16,7 @@ from berth.ports import is_terminated
 
 
 @kopf.on.event("pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: kopf.PRESENT})
-async def berth_pod_event(
-    type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
+async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
     pod = dict(body)
     meta = pod["metadata"]

@@ -23,9 +23,7 @@ async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-async def start(
-    settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any
-) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     config = OperatorConfig.from_env()
     # Our own prefix for kopf's bookkeeping on InferenceDeployments, never kopf's.
     settings.persistence.finalizer = FINALIZER
@@ -49,8 +47,11 @@ async def start(
     memo["runtime"] = runtime
     start_http_server(config.metrics_port)
     runtime.start_sweeper()
-    log.info("berth started: ledgers in namespace %s, default pool %s", config.namespace,
-             ",".join(map(str, config.default_ranges)))
+    log.info(
+        "berth started: ledgers in namespace %s, default pool %s",
+        config.namespace,
+        ",".join(map(str, config.default_ranges)),
+    )
 
 
 @kopf.on.cleanup()

@@ -63,7 +63,9 @@ class Ledgers:
         def change(ledger: NodeLedger) -> tuple[Allocation, bool]:
             held = ledger.pool.get(holder.uid)
             if held is not None:
-                return Allocation(ledger.holders[holder.uid], held, ledger.pool_config, False), False
+                return Allocation(
+                    ledger.holders[holder.uid], held, ledger.pool_config, False
+                ), False
             if ledger.pool_config != pool:
                 # Never moves live allocations; those now outside stay held.
                 ledger.pool.reconfigure(pool.ranges, pool.reserved)
@@ -74,9 +76,7 @@ class Ledgers:
 
         return await self._update(node, pool, change, node_uid)
 
-    async def release(
-        self, node: str, uids: Collection[str]
-    ) -> list[tuple[Holder, Assignment]]:
+    async def release(self, node: str, uids: Collection[str]) -> list[tuple[Holder, Assignment]]:
         """Free what these holders hold on ``node``; returns what was freed."""
 
         def change(ledger: NodeLedger) -> tuple[list[tuple[Holder, Assignment]], bool]:

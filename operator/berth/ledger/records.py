@@ -81,9 +81,7 @@ class NodeLedger:
             if uid == POOL_KEY:
                 continue
             namespace, pod, deployment, role, blocks = line.split(" ", 4)
-            holders[uid] = Holder(
-                namespace, pod, uid, deployment.strip("-"), role.strip("-")
-            )
+            holders[uid] = Holder(namespace, pod, uid, deployment.strip("-"), role.strip("-"))
             records[uid] = blocks
         pool = NodePool.decode(pool_config.ranges, pool_config.reserved, records)
         return cls(node, pool_config, pool, holders, resource_version)
