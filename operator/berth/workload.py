@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from berth.allocator import Assignment
@@ -153,7 +153,7 @@ def worker_entry(pod: Mapping[str, Any]) -> Body | None:
     }
 
 
-def port_map_body(deployment: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> Body:
+def port_map_body(deployment: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> Body:
     """The per-deployment discovery map: one key per worker pod."""
     meta = deployment["metadata"]
     data = {}

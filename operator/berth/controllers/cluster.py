@@ -25,7 +25,7 @@ def node_index(name: str, uid: str, labels: Mapping[str, str], **_: Any) -> dict
 
 
 @kopf.index(GROUP, "nodeportpools")
-def pool_index(body: kopf.Body, name: str, logger: kopf.Logger, **_: Any) -> dict[str, Any]:
+def pool_index(body: kopf.Body, name: str, logger: kopf.Logger, **_: Any) -> dict[Any, Any]:
     try:
         return {None: NodePortPool.model_validate(dict(body))}
     except ValueError as error:  # the schema should have refused it already

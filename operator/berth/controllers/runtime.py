@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -23,7 +23,8 @@ log = logging.getLogger("berth.runtime")
 
 
 def post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
-    kopf.event(dict(body), type=type, reason=reason, message=message)
+    # kopf reads only metadata and kind from the body; a plain dict serves.
+    kopf.event(cast(kopf.Body, body), type=type, reason=reason, message=message)
 
 
 @dataclass
