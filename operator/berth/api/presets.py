@@ -80,9 +80,10 @@ class ResolvedRole:
     bind_address_env: tuple[str, ...] = ()
     #: Fixed env vars the preset needs.
     static_env: dict[str, str] = field(default_factory=dict)
-    preset: str = "custom"
-    #: The rule set applied, e.g. ``>=0.11.1`` (for status messages and docs).
-    rules: str = ""
+    #: Informational (not part of a pod's port plan, so not compared): the
+    #: preset and the rule set applied, e.g. ``>=0.11.1``.
+    preset: str = field(default="custom", compare=False)
+    rules: str = field(default="", compare=False)
 
     @property
     def total_ports(self) -> int:
