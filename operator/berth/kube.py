@@ -19,6 +19,8 @@ import aiohttp
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client import Configuration
 
+from berth import metrics
+
 Body = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -104,6 +106,7 @@ class Kube:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Body:
+        metrics.API_REQUESTS.labels(method).inc()
         headers = {"Accept": "application/json", "Content-Type": content_type}
         token = await self._config.get_api_key_with_prefix("BearerToken")
         if token:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 ALLOCATIONS = Counter("berth_allocations_total", "Pods given their port blocks")
 RELEASES = Counter("berth_releases_total", "Pods whose port blocks were freed")
@@ -12,4 +12,11 @@ ALLOCATION_SECONDS = Histogram(
     "berth_allocation_seconds",
     "From handling a bound pod to its ports ConfigMap and annotation written",
     buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+)
+API_REQUESTS = Counter(
+    "berth_api_requests_total", "Requests Berth's own client sent to the API server", ["verb"]
+)
+POD_EVENTS = Counter("berth_pod_events_total", "Watch events of Berth pods handled")
+STARTUP_SWEEP_SECONDS = Gauge(
+    "berth_startup_sweep_seconds", "From process start to the first leak sweep finished"
 )

@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 
+from berth import metrics
 from berth.controllers.runtime import Runtime
 from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
 from berth.ports import is_terminated
@@ -18,6 +19,7 @@ from berth.ports import is_terminated
 @kopf.on.event("pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: kopf.PRESENT})
 async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
+    metrics.POD_EVENTS.inc()
     pod = dict(body)
     meta = pod["metadata"]
     if type == "DELETED":

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
 
+from berth import metrics
 from berth.config import OperatorConfig
 from berth.controllers.cluster import IndexedCluster
 from berth.deployments import DeploymentService
@@ -20,6 +22,7 @@ from berth.ledger.store import LedgerStore
 from berth.ports import PortService
 
 log = logging.getLogger("berth.runtime")
+PROCESS_STARTED = time.time()
 
 
 def post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
@@ -65,11 +68,15 @@ class Runtime:
     async def _sweep_forever(self) -> None:
         # A random first delay keeps replicas (and restarts) from sweeping in step.
         await asyncio.sleep(random.uniform(0.5, 2.0))
+        first = True
         while True:
             try:
                 reclaimed = await self.sweep()
                 if reclaimed:
                     log.info("sweep reclaimed %d leaked holdings", reclaimed)
+                if first:
+                    metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
+                    first = False
             except Exception:
                 log.exception("sweep failed; retrying on the next interval")
             await asyncio.sleep(self.config.sweep_interval)

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Allocation latency, throughput and cost of the operator on a real control plane.
+
+Prints figures; asserts nothing (targets are in the README and the issue).
+Scenarios, in one run:
+  steady  N pods spread over the nodes, created at a steady pace
+  burst   B pods created at once
+  resync  SIGKILL the operator with the cluster full, start it, time the resync
+Pods are created already bound (spec.nodeName), so "bound -> ConfigMap
+written" is measured from the create call's return to the ConfigMap's ADDED
+event on a watch. The raw pod-create latency of the same run is the reference.
+
+  python scripts/bench_operator.py                 # 2000 pods / 200 nodes / 500 burst
+  python scripts/bench_operator.py --pods 200 --nodes 20 --burst 100   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kubernetes import client, config, watch  # noqa: E402
+from tests.support.operator_process import OperatorProcess, free_port, wait_for  # noqa: E402
+
+from berth.api.presets import EnvBinding, ResolvedBlock, ResolvedRole  # noqa: E402
+from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY  # noqa: E402
+from berth.plan import PortPlan  # noqa: E402
+
+NAMESPACE = "bench"
+PLAN = PortPlan(
+    ResolvedRole(
+        blocks=(
+            ResolvedBlock("http", 1, 1, (EnvBinding("HTTP_PORT", "start"),)),
+            ResolvedBlock("nixl", 8, 1, (EnvBinding("NIXL_PORT", "rankBase", 1),)),
+            ResolvedBlock("internal", 36, 1, (EnvBinding("VLLM_PORT", "start"),)),
+        )
+    ),
+    0,
+).encode()
+
+
+def pod_body(name: str, node: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: "bench"},
+            "annotations": {"berth.dev/port-plan": PLAN},
+        },
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": True,
+            "enableServiceLinks": False,
+            "containers": [{"name": "engine", "image": "engine:1"}],
+        },
+    }
+
+
+class ConfigMapClock:
+    """Records when each pod's ports ConfigMap first appears on a watch."""
+
+    def __init__(self, core: client.CoreV1Api) -> None:
+        self.seen: dict[str, float] = {}
+        self._core = core
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for event in watch.Watch().stream(
+                self._core.list_namespaced_config_map,
+                NAMESPACE,
+                label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+                timeout_seconds=5,
+            ):
+                name = event["object"].metadata.name.removesuffix("-ports")
+                self.seen.setdefault(name, time.monotonic())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def create_pods(
+    core: client.CoreV1Api, names: list[str], nodes: list[str], workers: int, pace: float
+) -> dict[str, tuple[float, float]]:
+    """name -> (call started, call returned), monotonic."""
+    times: dict[str, tuple[float, float]] = {}
+
+    def one(i: int) -> None:
+        name = names[i]
+        started = time.monotonic()
+        core.create_namespaced_pod(NAMESPACE, pod_body(name, nodes[i % len(nodes)]))
+        times[name] = (started, time.monotonic())
+
+    with ThreadPoolExecutor(workers) as pool:
+        for i in range(len(names)):
+            pool.submit(one, i)
+            if pace:
+                time.sleep(pace)
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def report(title: str, created: dict[str, tuple[float, float]], clock: ConfigMapClock) -> None:
+    wait_for(lambda: all(n in clock.seen for n in created), timeout=600, what=title)
+    latency = [(clock.seen[n] - t[1]) * 1000 for n, t in created.items()]
+    raw = [(t[1] - t[0]) * 1000 for t in created.values()]
+    first = min(t[0] for t in created.values())
+    last = max(clock.seen[n] for n in created)
+    print(f"\n== {title}: {len(created)} pods")
+    print(
+        "  bound -> ConfigMap written (ms): "
+        f"p50 {pct(latency, 50):.1f}  p95 {pct(latency, 95):.1f}  "
+        f"p99 {pct(latency, 99):.1f}  max {max(latency):.1f}"
+    )
+    print(
+        "  raw pod create (ms, reference): "
+        f"p50 {pct(raw, 50):.1f}  p99 {pct(raw, 99):.1f}  mean {statistics.mean(raw):.1f}"
+    )
+    print(
+        f"  first create -> last ConfigMap: {last - first:.2f} s  "
+        f"({len(created) / (last - first):.0f} pods/s)"
+    )
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def writes(metrics: dict[str, float]) -> float:
+    return sum(
+        metrics.get(f'berth_api_requests_total{{verb="{v}"}}', 0.0)
+        for v in ("POST", "PUT", "PATCH", "DELETE")
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=200)
+    parser.add_argument("--pods", type=int, default=2000)
+    parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument("--kubeconfig", help="use this cluster instead of starting one")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-"))
+    kubeconfig = args.kubeconfig
+    if not kubeconfig:
+        print(f"starting a local control plane with {args.nodes} kwok nodes in {workdir}")
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "hack" / "localcluster.py"),
+                "up",
+                "--dir",
+                str(workdir / "cluster"),
+                "--nodes",
+                str(args.nodes),
+            ],
+            check=True,
+        )
+        kubeconfig = str(workdir / "cluster" / "kubeconfig")
+    kubectl = ["kubectl", "--kubeconfig", kubeconfig]
+    subprocess.run(
+        [*kubectl, "apply", "--server-side", "-f", str(ROOT / "crds")],
+        check=True,
+        capture_output=True,
+    )
+    for ns in ("berth-system", NAMESPACE):
+        subprocess.run([*kubectl, "create", "namespace", ns], capture_output=True)
+    config.load_kube_config(kubeconfig)
+    core = client.CoreV1Api()
+    nodes = sorted(
+        n.metadata.name for n in core.list_node().items if n.metadata.labels.get("type") == "kwok"
+    ) or [n.metadata.name for n in core.list_node().items]
+    metrics_port = free_port()
+    operator = OperatorProcess(
+        kubeconfig, workdir / "operator.log", env={"BERTH_METRICS_PORT": str(metrics_port)}
+    ).start()
+    try:
+        wait_for(lambda: _up(metrics_port), timeout=60, what="operator metrics")
+        clock = ConfigMapClock(core)
+        before = scrape(metrics_port)
+        names = [f"steady-{i}" for i in range(args.pods)]
+        steady = create_pods(core, names, nodes, workers=4, pace=0.004)
+        report("steady", steady, clock)
+        names = [f"burst-{i}" for i in range(args.burst)]
+        burst = create_pods(core, names, nodes, workers=16, pace=0)
+        report("burst", burst, clock)
+        time.sleep(2)
+        after = scrape(metrics_port)
+        allocations = after["berth_allocations_total"] - before.get("berth_allocations_total", 0)
+        print(f"\n== cost: {allocations:.0f} allocations")
+        print(f"  API writes per allocation: {(writes(after) - writes(before)) / allocations:.2f}")
+        print(f"  operator peak RSS: {peak_rss_mb(operator.proc.pid):.0f} MB")  # type: ignore[union-attr]
+        total = args.pods + args.burst
+        operator.kill()
+        clock.stop()
+        operator = OperatorProcess(
+            kubeconfig, workdir / "operator.log", env={"BERTH_METRICS_PORT": str(metrics_port)}
+        )
+        started = time.monotonic()
+        operator.start()
+        wait_for(lambda: _resynced(metrics_port, total), timeout=300, interval=0.1, what="resync")
+        elapsed = time.monotonic() - started
+        m = scrape(metrics_port)
+        print(f"\n== resync with {total} pods on {len(nodes)} nodes")
+        print(
+            f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s"
+        )
+        print(f"  start-up sweep finished at {m['berth_startup_sweep_seconds']:.2f} s")
+        print(f"  writes during resync: {writes(m):.0f}")
+        print(f"  operator peak RSS after resync: {peak_rss_mb(operator.proc.pid):.0f} MB")  # type: ignore[union-attr]
+    finally:
+        operator.stop()
+        if not args.kubeconfig:
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "hack" / "localcluster.py"),
+                    "down",
+                    "--dir",
+                    str(workdir / "cluster"),
+                ]
+            )
+    print(f"\noperator log: {workdir / 'operator.log'}")
+
+
+def _up(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:
+        return False
+    return True
+
+
+def _resynced(port: int, total: int) -> bool:
+    try:
+        m = scrape(port)
+    except OSError:
+        return False
+    return (
+        m.get("berth_pod_events_total", 0) >= total and m.get("berth_startup_sweep_seconds", 0) > 0
+    )
+
+
+if __name__ == "__main__":
+    main()
