@@ -37,6 +37,9 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if not args.verbose:
+        # One INFO line per handled pod event is noise at thousands of pods.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     configure_audit_stream()
     namespaces = OperatorConfig.from_env().watch_namespaces
     kopf.run(

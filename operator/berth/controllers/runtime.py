@@ -12,13 +12,15 @@ from typing import Any, cast
 
 import kopf
 
-from berth import metrics
+from berth import kube, metrics
 from berth.config import OperatorConfig
 from berth.controllers.cluster import IndexedCluster
 from berth.deployments import DeploymentService
 from berth.kube import Kube
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
+from berth.names import GROUP, VERSION
+from berth.pool_status import pool_usage
 from berth.ports import PortService
 
 log = logging.getLogger("berth.runtime")
@@ -63,7 +65,26 @@ class Runtime:
         """Reclaim leaks and retry waiting pods; the same at start-up and on the timer."""
         reclaimed = await self.ports.reclaim(await self.ports.list_live_pods())
         await self.ports.retry_waiting()
+        await self.report_pools()
         return reclaimed
+
+    async def report_pools(self) -> None:
+        """Write each NodePortPool's Nodes/Ports/Used where they changed."""
+        pools = self.cluster.pools()
+        pool_of_node = {node: self.cluster.pool_for(node).name for node in self.cluster.nodes()}
+        usage = pool_usage(pools, pool_of_node, self.ports.ledgers.cached())
+        for pool in pools:
+            status = usage[pool.name].as_status(pool.metadata.get("generation"))
+            current = pool.status.model_dump(by_alias=True) if pool.status else {}
+            if any(current.get(key) != value for key, value in status.items()):
+                url = kube.path(
+                    "nodeportpools",
+                    name=pool.name,
+                    group=GROUP,
+                    version=VERSION,
+                    subresource="status",
+                )
+                await self.client.merge_patch(url, {"status": status})
 
     async def _sweep_forever(self) -> None:
         # A random first delay keeps replicas (and restarts) from sweeping in step.

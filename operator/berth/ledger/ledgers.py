@@ -42,8 +42,9 @@ class Ledgers:
         self._cache: dict[str, NodeLedger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def cached(self, node: str) -> NodeLedger | None:
-        return self._cache.get(node)
+    def cached(self) -> dict[str, NodeLedger]:
+        """The last state seen of every node (for reports, never for decisions)."""
+        return dict(self._cache)
 
     async def allocate(
         self,
