@@ -253,16 +253,16 @@ class DeploymentService:
             "summary": _summary(live),
             **{c.name: f"{c.ready}/{c.desired}" for c in counts if c.name in ("prefill", "decode")},
         }
-        if problems and problems != body.get("status", {}).get("problems"):
-            self.post_event(
-                body, type="Warning", reason="ReconcileError", message=problems[0][:1000]
-            )
+        degraded = "; ".join(problems)[:1000]
+        if problems and degraded != _condition_message(body, "Degraded"):
+            self.post_event(body, type="Warning", reason="ReconcileError", message=degraded)
         await self._patch_status(meta["namespace"], meta["name"], status)
 
     async def _degraded(
         self, body: Mapping[str, Any], reason: str, message: str, generation: int
     ) -> None:
-        self.post_event(body, type="Warning", reason=reason, message=message)
+        if message != _condition_message(body, "Degraded"):
+            self.post_event(body, type="Warning", reason=reason, message=message)
         meta = body["metadata"]
         condition = _condition("Degraded", True, reason, message, generation)
         conditions = _merge_conditions(body.get("status", {}).get("conditions", []), [condition])
@@ -293,6 +293,14 @@ def _summary(pods: list[Body]) -> str:
             span = spans.setdefault(node, [int(first), int(last or first)])
             span[0], span[1] = min(span[0], int(first)), max(span[1], int(last or first))
     return ", ".join(f"{n}: {a}-{b}" for n, (a, b) in sorted(spans.items()))[:500]
+
+
+def _condition_message(body: Mapping[str, Any], type_: str) -> str | None:
+    """The message of a condition that is currently True (to post Events once)."""
+    for condition in body.get("status", {}).get("conditions", []):
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return str(condition.get("message"))
+    return None
 
 
 def _merge_conditions(old: list[Body], new: list[Body]) -> list[Body]:

@@ -131,13 +131,20 @@ def test_example_in_two_namespaces_gets_disjoint_ports_inside_each_pool(
     try:
         manifest = load_example()
         name = manifest["metadata"]["name"]
+        # The same deployment again, without GPU requests so that it packs onto
+        # the nodes the first copy already uses: the two must share nodes.
+        for role in manifest["spec"]["roles"]:
+            for container in role["template"]["spec"]["containers"]:
+                container.pop("resources", None)
         apply_deployment(cluster, second, manifest)
         want = expected_pods(manifest)
         wait_for(lambda: all_allocated(cluster, second, name, want), timeout=90, what="2nd ns")
         view = read_ledgers(cluster)
         assert_no_overlap(view)  # I1 across namespaces sharing nodes
         pods = pods_of(cluster, namespace, name) + pods_of(cluster, second, name)
-        assert len({p["spec"]["nodeName"] for p in pods}) >= 1
+        nodes_first = {p["spec"]["nodeName"] for p in pods_of(cluster, namespace, name)}
+        nodes_second = {p["spec"]["nodeName"] for p in pods_of(cluster, second, name)}
+        assert nodes_first & nodes_second, "the two deployments should share nodes"
         for pod in pods:
             assert_env_resolves_inside_pool(cluster, pod, view)
         # Discovery: the per-deployment map lists every worker with its ports.

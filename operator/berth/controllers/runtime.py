@@ -8,14 +8,13 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import kopf
+from typing import Any
 
 from berth import kube, metrics
 from berth.config import OperatorConfig
 from berth.controllers.cluster import IndexedCluster
 from berth.deployments import DeploymentService
+from berth.events import EventPoster
 from berth.kube import Kube
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
@@ -25,11 +24,6 @@ from berth.ports import PortService
 
 log = logging.getLogger("berth.runtime")
 PROCESS_STARTED = time.time()
-
-
-def post_event(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
-    # kopf reads only metadata and kind from the body; a plain dict serves.
-    kopf.event(cast(kopf.Body, body), type=type, reason=reason, message=message)
 
 
 @dataclass
@@ -44,6 +38,7 @@ class Runtime:
     @classmethod
     def build(cls, config: OperatorConfig, client: Kube, indexes: Mapping[str, Any]) -> Runtime:
         cluster = IndexedCluster(config, indexes)
+        post_event = EventPoster(client)
         deployments = DeploymentService(client, post_event)
         ports = PortService(
             client,
