@@ -16,6 +16,7 @@ from berth import audit, kube, metrics
 from berth.allocator import PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.api.pools import PoolConfig
+from berth.api.presets import PresetError
 from berth.kube import Kube, KubeError
 from berth.ledger.ledgers import Allocation, Ledgers
 from berth.ledger.records import Holder
@@ -76,6 +77,7 @@ class PortService:
     post_event: EventSink
     on_change: Callable[[str, str], None] = lambda namespace, deployment: None
     waiting: dict[str, Waiting] = field(default_factory=dict)
+    delivered: dict[str, str] = field(default_factory=dict)
 
     async def ensure_allocated(self, pod: Mapping[str, Any]) -> Allocation | None:
         """Give a bound pod its ports (once), and make sure they reached it."""
@@ -118,14 +120,23 @@ class PortService:
                 pool=allocation.pool.name,
             )
             metrics.ALLOCATIONS.inc()
+        encoded = encode_ports(assignment)
         mirrored = meta.get("annotations", {}).get(ANNOTATION_PORTS)
-        if mirrored != encode_ports(assignment):
+        # Events queued before our own patch still carry the old annotation:
+        # remember what this process delivered so they cost no writes.
+        if encoded not in (mirrored, self.delivered.get(holder.uid)):
+            try:
+                env = plan.env(assignment)
+            except PresetError as error:  # e.g. a rank base that would fall below port 1
+                self._warn(pod, "InvalidPortPlan", str(error))
+                return None
             # ConfigMap first, annotation last: the annotation says "delivered".
-            await self._write_configmap(pod, plan.env(assignment))
+            await self._write_configmap(pod, env)
             await self.client.merge_patch(
                 kube.path("pods", namespace=holder.namespace, name=holder.pod),
-                {"metadata": {"annotations": {ANNOTATION_PORTS: encode_ports(assignment)}}},
+                {"metadata": {"annotations": {ANNOTATION_PORTS: encoded}}},
             )
+            self.delivered[holder.uid] = encoded
             metrics.ALLOCATION_SECONDS.observe(asyncio.get_running_loop().time() - started)
             self.on_change(holder.namespace, holder.deployment)
         return allocation
@@ -134,6 +145,7 @@ class PortService:
         """Free a deleted or finished pod's ports, then serve whoever waits there."""
         holder = holder_of(pod)
         self.waiting.pop(holder.uid, None)
+        self.delivered.pop(holder.uid, None)
         node = pod.get("spec", {}).get("nodeName")
         if not node:
             return
@@ -172,6 +184,7 @@ class PortService:
                 self._audit_freed("reclaim", "owner gone", ledger.node, freed)
                 reclaimed += len(freed)
                 for holder, _ in freed:
+                    self.delivered.pop(holder.uid, None)
                     self.on_change(holder.namespace, holder.deployment)
         metrics.RECLAIMED.inc(reclaimed)
         return reclaimed
