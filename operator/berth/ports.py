@@ -12,13 +12,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiohttp
+
 from berth import audit, kube, metrics
 from berth.allocator import PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.api.pools import PoolConfig
 from berth.api.presets import PresetError
 from berth.kube import Kube, KubeError
-from berth.ledger.ledgers import Allocation, Ledgers
+from berth.ledger.ledgers import Allocation, LedgerBusy, Ledgers
 from berth.ledger.records import Holder
 from berth.names import ANNOTATION_PORTS, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 from berth.plan import PlanError, PortPlan
@@ -81,6 +83,17 @@ class PortService:
 
     async def ensure_allocated(self, pod: Mapping[str, Any]) -> Allocation | None:
         """Give a bound pod its ports (once), and make sure they reached it."""
+        try:
+            return await self._ensure_allocated(pod)
+        except (LedgerBusy, KubeError, aiohttp.ClientError, TimeoutError) as error:
+            # Transient: the next sweep (or a release on its node) retries it.
+            meta = pod["metadata"]
+            log.warning("ports for %s/%s deferred: %s", meta["namespace"], meta["name"], error)
+            node = pod["spec"]["nodeName"]
+            self.waiting[meta["uid"]] = Waiting(node, pod, f"retrying after: {error}")
+            return None
+
+    async def _ensure_allocated(self, pod: Mapping[str, Any]) -> Allocation | None:
         meta = pod["metadata"]
         node: str = pod["spec"]["nodeName"]
         holder = holder_of(pod)

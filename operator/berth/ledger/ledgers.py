@@ -9,11 +9,11 @@ retry but never a double allocation (I4, I5).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from berth.allocator import Assignment, BlockRequest
+from berth.allocator import AllocationConflict, Assignment, BlockRequest, PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.api.pools import PoolConfig
 from berth.ledger.records import Holder, NodeLedger
@@ -36,11 +36,43 @@ class Allocation:
     fresh: bool  # False when the holder already had it (idempotent replay)
 
 
+class _Pending:
+    """One queued change to a node's ledger and, once applied, its outcome."""
+
+    def __init__(
+        self,
+        change: Callable[[NodeLedger], tuple[Any, bool]],
+        pool: PoolConfig | None,
+        node_uid: str | None,
+    ) -> None:
+        self.change = change
+        self.pool = pool
+        self.node_uid = node_uid
+        self.settled = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, ledger: NodeLedger) -> bool:
+        """Apply to ``ledger``; True when it changed. Its own errors (a full
+        pool) are its outcome, not the batch's."""
+        self.settled, self.error = True, None
+        try:
+            self.result, dirty = self.change(ledger)
+        except (PoolExhausted, AllocationConflict) as error:
+            self.error = error
+            return False
+        return bool(dirty)
+
+    def fail(self, error: BaseException) -> None:
+        self.settled, self.error = True, error
+
+
 class Ledgers:
     def __init__(self, store: LedgerStore) -> None:
         self._store = store
         self._cache: dict[str, NodeLedger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._queues: dict[str, list[_Pending]] = {}
 
     def cached(self) -> dict[str, NodeLedger]:
         """The last state seen of every node (for reports, never for decisions)."""
@@ -98,11 +130,6 @@ class Ledgers:
                 self._cache[ledger.node] = ledger
         return ledgers
 
-    async def forget(self, node: str) -> None:
-        """Drop a node whose ledger is gone (node deleted, ledger collected)."""
-        async with self._lock(node):
-            self._cache.pop(node, None)
-
     def _lock(self, node: str) -> asyncio.Lock:
         return self._locks.setdefault(node, asyncio.Lock())
 
@@ -115,27 +142,48 @@ class Ledgers:
     ) -> T:
         """Apply ``change`` and CAS-write it, re-reading on conflict.
 
-        One writer per node inside this process (the lock); the API server
-        arbitrates between processes.
+        Changes queue per node; whoever holds the node's lock applies every
+        queued change and writes them in one CAS, so a burst of pods on one
+        node costs one ledger write, not one each. The API server arbitrates
+        between processes.
         """
+        mine = _Pending(change, pool, node_uid)
+        self._queues.setdefault(node, []).append(mine)
         async with self._lock(node):
+            if not mine.settled:
+                await self._apply(node, self._queues.pop(node))
+        if mine.error is not None:
+            raise mine.error
+        return mine.result  # type: ignore[no-any-return]
+
+    async def _apply(self, node: str, batch: list[_Pending]) -> None:
+        pool = next((p.pool for p in batch if p.pool is not None), None)
+        node_uid = next((p.node_uid for p in batch if p.node_uid), None)
+        try:
             for _ in range(MAX_ATTEMPTS):
                 ledger = await self._current(node, pool)
                 if ledger is None:  # nothing recorded and nothing to allocate from
-                    return change(NodeLedger.empty(node, PoolConfig("none", ())))[0]
+                    ledger = NodeLedger.empty(node, PoolConfig("none", ()))
+                    for pending in batch:
+                        pending.run(ledger)
+                    return
+                dirty = False
+                for pending in batch:
+                    dirty |= pending.run(ledger)
                 try:
-                    result, dirty = change(ledger)
                     if dirty:
                         await self._store.save(ledger, node_uid)
                 except LedgerConflict:
-                    self._cache.pop(node, None)
+                    self._cache.pop(node, None)  # re-read and recompute every change
                     continue
-                except BaseException:
-                    # The cached copy may hold an unsaved change: drop it.
-                    self._cache.pop(node, None)
-                    raise
-                return result
-            raise LedgerBusy(f"ledger of node {node} kept changing under us")
+                return
+            error: BaseException = LedgerBusy(f"ledger of node {node} kept changing under us")
+        except BaseException as failure:
+            error = failure
+        # The cached copy may hold unsaved changes: drop it; the batch fails together.
+        self._cache.pop(node, None)
+        for pending in batch:
+            pending.fail(error)
 
     async def _current(self, node: str, pool: PoolConfig | None) -> NodeLedger | None:
         ledger = self._cache.get(node)
@@ -146,14 +194,3 @@ class Ledgers:
             if ledger is not None:
                 self._cache[node] = ledger
         return ledger
-
-
-async def with_retries(action: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
-    for attempt in range(attempts):
-        try:
-            return await action()
-        except LedgerBusy:
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
