@@ -100,8 +100,15 @@ class DeploymentService:
     async def reconcile(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
+        if meta.get("deletionTimestamp"):
+            return  # going away: the garbage collector removes its pods
         async with self._locks.setdefault(key, asyncio.Lock()):
-            await self._reconcile(body)
+            try:
+                await self._reconcile(body)
+            except KubeError as error:
+                if not error.gone:
+                    raise
+                log.info("%s/%s is going away: %s", key[0], key[1], error.message)
 
     async def _reconcile(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]

@@ -41,6 +41,11 @@ class KubeError(Exception):
         return self.status == 404
 
     @property
+    def gone(self) -> bool:
+        """The object or its namespace no longer exists, or is being deleted."""
+        return self.status == 404 or (self.status == 403 and "being terminated" in self.message)
+
+    @property
     def conflict(self) -> bool:
         """409: a stale resourceVersion or a name already taken."""
         return self.status == 409

@@ -18,21 +18,26 @@ from berth.names import ANNOTATION_PORTS, LABEL_LEDGER, LABEL_MANAGED_BY, MANAGE
 LedgerView = dict[str, dict[str, dict[str, PortRange]]]
 
 
-def decode_ledgers(items: list[Mapping[str, Any]]) -> LedgerView:
+def decode_ledgers(items: list[Mapping[str, Any]], namespace: str | None = None) -> LedgerView:
+    """node -> uid -> blocks; only pods of ``namespace`` when given."""
     view: LedgerView = {}
     for cm in items:
         ledger = NodeLedger.decode(
             cm["metadata"]["annotations"]["berth.dev/node"], cm.get("data") or {}
         )
-        view[ledger.node] = {a.owner: dict(a.blocks) for a in ledger.pool.assignments()}
+        view[ledger.node] = {
+            holder.uid: dict(assignment.blocks)
+            for holder, assignment in ledger.held()
+            if namespace is None or holder.namespace == namespace
+        }
     return view
 
 
-def read_ledgers(cluster: Any, namespace: str = "berth-system") -> LedgerView:
+def read_ledgers(cluster: Any, pods_in: str | None = None) -> LedgerView:
     out = cluster.kubectl(
-        "get", "configmaps", "-n", namespace, "-l", f"{LABEL_LEDGER}=true", "-o", "json"
+        "get", "configmaps", "-n", "berth-system", "-l", f"{LABEL_LEDGER}=true", "-o", "json"
     ).stdout
-    return decode_ledgers(json.loads(out)["items"])
+    return decode_ledgers(json.loads(out)["items"], pods_in)
 
 
 def berth_pods(cluster: Any) -> list[dict[str, Any]]:
