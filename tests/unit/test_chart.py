@@ -39,6 +39,7 @@ CLUSTER_RULES = {
     ("berth.dev", "inferencedeployments"): {"get", "list", "watch", "patch"},
     ("berth.dev", "inferencedeployments/status"): {"patch"},
     ("berth.dev", "nodeportpools"): {"list", "watch"},
+    ("berth.dev", "nodeportpools/status"): {"patch"},
 }
 LEDGER_RULES = {("", "configmaps"): {"list"}}
 # Asked for at design time, never called (docs/install.md says why): kept out.
@@ -50,7 +51,6 @@ UNUSED = [
     ("berth.dev", "inferencedeployments/status", "update"),
     ("berth.dev", "nodeportpools", "get"),
     ("berth.dev", "nodeportpools/status", "get"),
-    ("berth.dev", "nodeportpools/status", "patch"),
     ("berth.dev", "nodeportpools/status", "update"),
 ]
 

@@ -128,7 +128,10 @@ def test_dockerfile_shape() -> None:
         final,
         re.M,
     )
-    assert "--only-binary=:all: --no-deps" in text and "pip check" in text
+    assert "--only-binary=:all: --no-deps --requirement requirements.lock" in " ".join(
+        text.replace("\\\n", " ").split()
+    )
+    assert re.search(r"pip (--python \S+ )?check", text), "the build checks the installed set"
 
 
 def test_dockerignore_sends_only_the_build_inputs() -> None:

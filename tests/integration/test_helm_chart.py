@@ -1,0 +1,258 @@
+"""The Helm chart and the plain-kubectl manifests on a real API server.
+
+Lint, schema and drift are checked without a cluster in tests/unit/test_chart.py;
+here the API server judges the rendered objects, and `helm install` runs
+against the local control plane. Its nodes are simulated by kwok, which fakes
+the kubelet: the operator pod is scheduled and reported Running and Ready
+without its image being pulled or run. These tests prove the manifests; the
+operator itself is exercised out of the cluster by the other suites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.support.operator_process import wait_for
+from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "berth"
+RELEASE = "berth-helm"
+
+Body = dict[str, Any]
+
+
+def helm_binary() -> str:
+    found = shutil.which("helm")
+    if found is None:
+        cache_dir = Path(os.environ.get("BERTH_CACHE", Path.home() / ".cache" / "berth"))
+        candidates = sorted(cache_dir.glob("bin/helm-*/helm"))
+        found = str(candidates[-1]) if candidates else None
+    assert found, "helm is missing: hack/build-tools.sh builds it"
+    return found
+
+
+def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    home = Path(cluster.dir) / "helm"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    result = subprocess.run(
+        [helm_binary(), *args], capture_output=True, text=True, check=False, env=env, cwd=ROOT
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def kube_json(cluster: Any, *args: str) -> Body:
+    out: Body = json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+    return out
+
+
+def dry_run(cluster: Any, manifest: str) -> str:
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    assert result.returncode == 0, result.stderr
+    return str(result.stdout)
+
+
+def restricted_namespace(cluster: Any, name: str) -> None:
+    """The operator pod must pass the API server's restricted Pod Security check."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            },
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+
+def deployment_available(cluster: Any, namespace: str, name: str) -> bool:
+    status = kube_json(cluster, "get", "deployment", "-n", namespace, name).get("status", {})
+    return (
+        any(
+            c["type"] == "Available" and c["status"] == "True" for c in status.get("conditions", [])
+        )
+        and status.get("availableReplicas") == 1
+    )
+
+
+def operator_pods(cluster: Any, namespace: str) -> list[Body]:
+    pods: list[Body] = kube_json(
+        cluster, "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={RELEASE}"
+    )["items"]
+    return pods
+
+
+def test_helm_template_passes_server_side_validation(cluster: Any, namespace: str) -> None:
+    install_crds(cluster)
+    ensure_namespace(cluster, namespace)
+    manifest = helm(
+        cluster, "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"
+    ).stdout
+    kinds = {d["kind"] for d in yaml.safe_load_all(manifest) if d}
+    assert kinds == {
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+    }
+    out = dry_run(cluster, manifest)
+    assert "(server dry run)" in out
+
+
+def test_deploy_manifest_applies_after_the_crds(cluster: Any) -> None:
+    """The documented kubectl path: crds/ first, then deploy/berth.yaml."""
+    install_crds(cluster)
+    ensure_namespace(cluster, OPERATOR_NAMESPACE)  # dry-run creates no namespace
+    out = dry_run(cluster, (ROOT / "deploy" / "berth.yaml").read_text())
+    assert "deployment.apps/berth created (server dry run)" in out or (
+        "deployment.apps/berth configured (server dry run)" in out
+    ), out
+
+
+def image_values(cluster: Any) -> list[str]:
+    """kwok never runs the image; a real cluster needs one it can run (BERTH_IMAGE)."""
+    image = os.environ.get("BERTH_IMAGE", "")
+    if not cluster.external:
+        return []
+    if not image:
+        pytest.skip("set BERTH_IMAGE=repo:tag to an operator image this cluster can run")
+    repository, _, tag = image.rpartition(":")
+    return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}"]
+
+
+def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
+    image = image_values(cluster)
+    restricted_namespace(cluster, namespace)
+    try:
+        helm(
+            cluster,
+            "install",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            namespace,
+            *image,
+            "--wait",
+            "--timeout",
+            "120s",
+        )
+        wait_for(
+            lambda: deployment_available(cluster, namespace, RELEASE),
+            timeout=60,
+            what="the operator Deployment to be Available",
+        )
+        deployment = kube_json(cluster, "get", "deployment", "-n", namespace, RELEASE)
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        (pod,) = operator_pods(cluster, namespace)
+        assert pod["spec"]["serviceAccountName"] == RELEASE
+        assert pod["status"]["phase"] == "Running"
+        # The CRDs came with the chart (or were there already): both established.
+        for crd in ("inferencedeployments.berth.dev", "nodeportpools.berth.dev"):
+            cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+        status = json.loads(helm(cluster, "status", RELEASE, "-n", namespace, "-o", "json").stdout)
+        assert status["info"]["status"] == "deployed"
+        assert "rollout status deployment/berth-helm" in status["info"]["notes"]
+
+        # An upgrade replaces the single pod (Recreate) and keeps it available.
+        old = pod["metadata"]["uid"]
+        helm(
+            cluster,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--reuse-values",
+            "--set",
+            "sweepIntervalSeconds=30",
+            "--wait",
+            "--timeout",
+            "120s",
+        )
+        wait_for(
+            lambda: (
+                [
+                    p["metadata"]["uid"]
+                    for p in operator_pods(cluster, namespace)
+                    if not p["metadata"].get("deletionTimestamp")
+                ]
+                not in ([], [old])
+            ),
+            timeout=60,
+            what="the upgrade to replace the operator pod",
+        )
+        wait_for(
+            lambda: deployment_available(cluster, namespace, RELEASE),
+            timeout=60,
+            what="Available after the upgrade",
+        )
+        env = {
+            e["name"]: e.get("value")
+            for e in kube_json(cluster, "get", "deployment", "-n", namespace, RELEASE)["spec"][
+                "template"
+            ]["spec"]["containers"][0]["env"]
+        }
+        assert env["BERTH_SWEEP_INTERVAL"] == "30"
+
+        # A bad value is refused before anything reaches the cluster.
+        bad = helm(
+            cluster,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--set",
+            "replicaCount=2",
+            check=False,
+        )
+        assert bad.returncode != 0 and "at '/replicaCount': value must be 1" in bad.stderr
+    finally:
+        helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+    # Helm leaves the CRDs alone on uninstall (docs/install.md, "Uninstall").
+    for crd in ("inferencedeployments.berth.dev", "nodeportpools.berth.dev"):
+        cluster.kubectl("get", "crd", crd)
+    gone = cluster.kubectl("get", "clusterrole", RELEASE, check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+
+
+def test_schema_rejects_a_bad_value_before_install(cluster: Any, namespace: str) -> None:
+    result = helm(
+        cluster,
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--set",
+        "defaultPool={20000-}",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert "at '/defaultPool/0': '20000-' does not match pattern" in result.stderr
+    listed = helm(cluster, "list", "--namespace", namespace, "-q").stdout.split()
+    assert RELEASE not in listed
