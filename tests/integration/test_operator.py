@@ -478,3 +478,86 @@ def test_spec_the_schema_accepts_but_berth_cannot_serve_is_a_condition(
         e["reason"] == "ReconcileError" for e in events_for(cluster, namespace, "old-engine")
     )
     assert operator.alive()
+
+
+def test_deleted_node_takes_its_ledger_and_dead_pods_their_configmaps(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """Nothing Berth writes outlives what it describes (garbage collector, ownerRefs)."""
+    name = f"gone-{namespace[-6:]}"
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name, "type": "kwok"},
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+        },
+        "status": {
+            "allocatable": {"cpu": "8", "memory": "64Gi", "pods": "16"},
+            "capacity": {"cpu": "8", "memory": "64Gi", "pods": "16"},
+        },
+    }
+    cluster.kubectl("create", "-f", "-", input=json.dumps(node))
+    try:
+        wait_for(
+            lambda: (
+                "True"
+                in cluster.kubectl(
+                    "get",
+                    "node",
+                    name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                ).stdout
+            ),
+            timeout=60,
+            what="extra node Ready",
+        )
+        apply_deployment(cluster, namespace, small_deployment("pinned", 2, node=name))
+        wait_for(lambda: all_allocated(cluster, namespace, "pinned", 2), timeout=60, what="alloc")
+        ledger = f"berth-ledger.{name}"
+        owner = json.loads(
+            cluster.kubectl("get", "cm", "-n", OPERATOR_NAMESPACE, ledger, "-o", "json").stdout
+        )["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"]) == ("Node", name)
+        # A deleted pod's port ConfigMap goes with it.
+        cluster.kubectl("delete", "pod", "-n", namespace, "pinned-worker-0")
+        wait_for(
+            lambda: (
+                cluster.kubectl(
+                    "get", "cm", "-n", namespace, "pinned-worker-0-ports", check=False
+                ).returncode
+                != 0
+                or _recreated_cm(cluster, namespace)
+            ),
+            timeout=60,
+            what="old pod's ConfigMap collected",
+        )
+        cluster.kubectl("delete", "node", name)
+        wait_for(
+            lambda: (
+                cluster.kubectl(
+                    "get", "cm", "-n", OPERATOR_NAMESPACE, ledger, check=False
+                ).returncode
+                != 0
+            ),
+            timeout=60,
+            what="ledger of the deleted node collected",
+        )
+    finally:
+        cluster.kubectl("delete", "node", name, "--ignore-not-found")
+
+
+def _recreated_cm(cluster: Any, namespace: str) -> bool:
+    """The recreated pod has a new ConfigMap: owned by the new pod's UID."""
+    cm = json.loads(
+        cluster.kubectl("get", "cm", "-n", namespace, "pinned-worker-0-ports", "-o", "json").stdout
+    )
+    pod = json.loads(
+        cluster.kubectl(
+            "get", "pod", "-n", namespace, "pinned-worker-0", "-o", "json", check=False
+        ).stdout
+        or "{}"
+    )
+    return bool(pod) and cm["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]

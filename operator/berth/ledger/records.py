@@ -58,6 +58,7 @@ class NodeLedger:
     pool: NodePool
     holders: dict[str, Holder]
     resource_version: str | None = None
+    node_uid: str | None = None  # the Node that owns (and garbage-collects) the ledger
 
     @classmethod
     def empty(cls, node: str, pool_config: PoolConfig) -> NodeLedger:

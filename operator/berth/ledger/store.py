@@ -49,6 +49,7 @@ class LedgerStore:
             "labels": {LABEL_LEDGER: "true", LABEL_MANAGED_BY: MANAGED_BY},
             "annotations": {ANNOTATION_LEDGER_NODE: ledger.node},
         }
+        node_uid = ledger.node_uid or node_uid
         if node_uid:
             # The garbage collector drops the ledger with its node.
             metadata["ownerReferences"] = [
@@ -67,6 +68,7 @@ class LedgerStore:
                 raise LedgerConflict(str(error)) from error
             raise
         ledger.resource_version = saved["metadata"]["resourceVersion"]
+        ledger.node_uid = node_uid
 
     async def delete(self, ledger: NodeLedger) -> None:
         """Delete only the version we saw (a precondition, as for writes)."""
@@ -84,4 +86,7 @@ def _decode(body: kube.Body) -> NodeLedger:
     node = metadata.get("annotations", {}).get(ANNOTATION_LEDGER_NODE) or metadata[
         "name"
     ].removeprefix("berth-ledger.")
-    return NodeLedger.decode(node, body.get("data") or {}, metadata["resourceVersion"])
+    ledger = NodeLedger.decode(node, body.get("data") or {}, metadata["resourceVersion"])
+    owners = [o for o in metadata.get("ownerReferences", []) if o.get("kind") == "Node"]
+    ledger.node_uid = owners[0]["uid"] if owners else None
+    return ledger
