@@ -12,6 +12,23 @@ export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 
 log() { printf '[build-tools] %s\n' "$*" >&2; }
 
+# Every module needs Go >= 1.26 (their go.mod lines); this machine's go.env
+# may pin GOTOOLCHAIN=local, so an older go would just fail later.
+command -v go >/dev/null || { log "go not found: Go >= 1.26 is required"; exit 1; }
+gov=$(go env GOVERSION); gov=${gov#go}
+if [ "$(printf '%s\n1.26\n' "$gov" | sort -V | head -1)" != "1.26" ]; then
+  log "go $gov is too old: Go >= 1.26 is required"; exit 1
+fi
+
+# One build at a time per cache (CI and a developer may share a machine);
+# whoever waits finds the binaries cached afterwards.
+mkdir -p "$BIN"
+exec 9>"$BIN/.build.lock"
+if ! flock -n 9; then
+  log "another build-tools.sh is running; waiting for it"
+  flock 9
+fi
+
 # wrapper_module DIR NAME: a throwaway module to build other modules' mains.
 wrapper_module() {
   mkdir -p "$1"
@@ -64,10 +81,13 @@ build_etcd() {
 
 build_kwok() {
   local out="$BIN/kwok-$KWOK_VERSION"
-  [ -x "$out/kwok" ] && { log "kwok $KWOK_VERSION cached"; return; }
+  if [ -x "$out/kwok" ] && [ -f "$out/stage/pod-ready.yaml" ]; then
+    log "kwok $KWOK_VERSION cached"; return
+  fi
   log "building kwok $KWOK_VERSION"
   mkdir -p "$out"
-  GOBIN="$out" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  [ -x "$out/kwok" ] ||
+    GOBIN="$out" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   # The Stage documents ship in the module, not in the binary.
   local mod
   mod=$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION

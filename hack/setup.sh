@@ -7,6 +7,21 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/env.sh
 source "$here/env.sh"
 
+# Debian packages, only if something is missing (a fresh machine of this
+# kind has them all). Go >= 1.26 is not among them: Debian's is older, so
+# build-tools.sh checks for it and says so.
+missing=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v flock >/dev/null || missing+=(util-linux)
+[ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 stamp="$BERTH_VENV/.berth-stamp"
 want=$(sha256sum "$here/../pyproject.toml" | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
