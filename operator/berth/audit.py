@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from berth.allocator.ranges import PortRange
+from berth.ledger.records import Holder
 
 Action = Literal["allocate", "release", "reclaim", "exhausted"]
 
@@ -22,14 +23,10 @@ logger = logging.getLogger("berth.audit")
 
 def record(
     action: Action,
+    holder: Holder,
     *,
     reason: str,
     node: str,
-    namespace: str,
-    pod: str,
-    uid: str,
-    deployment: str = "",
-    role: str = "",
     blocks: Mapping[str, PortRange] | None = None,
     pool: str = "",
 ) -> None:
@@ -38,11 +35,11 @@ def record(
         "audit": action,
         "reason": reason,
         "node": node,
-        "namespace": namespace,
-        "pod": pod,
-        "uid": uid,
-        "deployment": deployment,
-        "role": role,
+        "namespace": holder.namespace,
+        "pod": holder.pod,
+        "uid": holder.uid,
+        "deployment": holder.deployment,
+        "role": holder.role,
         "blocks": {name: str(rng) for name, rng in (blocks or {}).items()},
         "pool": pool,
     }

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-GROUP = "berth.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from berth.api.common import API_VERSION, GROUP, VERSION
+
+# The API group and version are defined once, with the models.
+__all__ = ["API_VERSION", "GROUP", "VERSION"]
 
 # Labels on worker pods (selectable) and annotations (free-form payloads).
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

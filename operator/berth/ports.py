@@ -122,13 +122,9 @@ class PortService:
         if allocation.fresh:
             audit.record(
                 "allocate",
+                holder,
                 reason="pod bound",
                 node=node,
-                namespace=holder.namespace,
-                pod=holder.pod,
-                uid=holder.uid,
-                deployment=holder.deployment,
-                role=holder.role,
                 blocks=assignment.blocks,
                 pool=allocation.pool.name,
             )
@@ -239,13 +235,9 @@ class PortService:
             return  # already reported; stays quiet until something changes
         audit.record(
             "exhausted",
+            holder,
             reason=reason,
             node=node,
-            namespace=holder.namespace,
-            pod=holder.pod,
-            uid=holder.uid,
-            deployment=holder.deployment,
-            role=holder.role,
             pool=pool.name,
         )
         metrics.EXHAUSTED.inc()
@@ -262,13 +254,9 @@ class PortService:
         for holder, assignment in freed:
             audit.record(
                 action,
+                holder,
                 reason=reason,
                 node=node,
-                namespace=holder.namespace,
-                pod=holder.pod,
-                uid=holder.uid,
-                deployment=holder.deployment,
-                role=holder.role,
                 blocks=assignment.blocks,
             )
             metrics.RELEASES.inc()
