@@ -126,6 +126,30 @@ def carve_any(starts: Starts, ends: Ends, lo: int, hi: int) -> None:
         carve(starts, ends, s, e)
 
 
+def without(starts: Starts, ends: Ends, cuts: Iterable[PortRange]) -> tuple[Starts, Ends]:
+    """The set minus ``cuts``, as new lists (copied only when a cut touches the set)."""
+    out_s = starts
+    out_e = ends
+    copied = False
+    for r in cuts:
+        lo = r.start
+        hi = r.end
+        # Ends grow with starts, so the last run starting at or below hi is
+        # the only one that can decide whether the cut touches the set.
+        i = bisect_right(out_s, hi) - 1
+        if i < 0 or out_e[i] < lo:
+            continue
+        if not copied:
+            out_s = out_s[:]
+            out_e = out_e[:]
+            copied = True
+        if out_s[i] <= lo:
+            carve(out_s, out_e, lo, min(hi, out_e[i]))
+        else:
+            carve_any(out_s, out_e, lo, hi)
+    return out_s, out_e
+
+
 def insert(starts: Starts, ends: Ends, lo: int, hi: int) -> None:
     """Add lo..hi, which must not overlap the set; merges with touching runs."""
     i = bisect_left(starts, lo)

@@ -141,10 +141,11 @@ class NodePool:
         free_s = self._free_s
         free_e = self._free_e
         if avoid:
-            # Search a private view; the real free list is carved at the end.
-            avoid_s, avoid_e = iv.normalise(avoid)
-            free_s, free_e = iv.subtract(free_s, free_e, avoid_s, avoid_e)
-        elif len(requests) > 1:
+            # Search a private view without the avoided ports (a copy only if
+            # one of them is free); the real free list is carved at the end.
+            free_s, free_e = iv.without(free_s, free_e, avoid)
+        cut = free_s is not self._free_s
+        if not cut and len(requests) > 1:
             # A copy keeps a half-placed request from touching the real list.
             free_s = free_s[:]
             free_e = free_e[:]
@@ -165,10 +166,11 @@ class NodePool:
             end = at + size - 1
             iv.carve(free_s, free_e, at, end)
             blocks[request.name] = PortRange(at, end)
-        if avoid:
+        if cut:
             for r in blocks.values():
                 iv.carve(self._free_s, self._free_e, r.start, r.end)
-        elif free_s is not self._free_s:
+        else:
+            # The search ran on the free list itself or on a plain copy of it.
             self._free_s = free_s
             self._free_e = free_e
         assignment = Assignment(owner, blocks)
