@@ -16,13 +16,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
 )
 
@@ -180,6 +179,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert (self.pool.encode(), self.pool.free_ranges()) == before
             return
         expected = self.oracle.allocate(wanted, avoid)
+        event(f"allocate: {'exhausted' if isinstance(expected, tuple) else 'placed'}")
         if isinstance(expected, tuple):
             with pytest.raises(PoolExhausted) as caught:
                 self.pool.allocate(owner, wanted, avoid)
@@ -218,10 +218,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         # Exactly the released ports that lie in the pool become free again.
         assert self.free_ports() == free_before | (ports_of(expected.values()) & self.oracle.pool)
 
-    @precondition(lambda self: len(self.pool) > 0)
-    @rule(data=st.data())
-    def release_then_adopt_restores(self, data: st.DataObject) -> None:
-        owner = data.draw(st.sampled_from(sorted(self.oracle.held)))
+    @rule(owner=st.sampled_from(OWNERS))
+    def release_then_adopt_restores(self, owner: str) -> None:
+        if owner not in self.oracle.held:
+            return
         before = self.pool.encode(), self.pool.free_ranges(), self.pool.outside_pool()
         assignment = self.pool.release(owner)
         assert assignment is not None
@@ -238,6 +238,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             r for o, blocks in self.oracle.held.items() if o != owner for r in blocks.values()
         )
         self_overlap = sum(r.size for r in assignment.blocks.values()) != len(mine)
+        event(f"adopt: {'conflict' if held or mine & others or self_overlap else 'taken'}")
         if held == assignment.blocks:
             self.pool.adopt(assignment)
         elif held is not None or mine & others or self_overlap:
@@ -271,6 +272,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.pool.encode() == before  # nothing moves
         assert [a.owner for a in outside] == [a.owner for a in self.pool.outside_pool()]
         assert {a.owner for a in outside} == self.oracle.outside()
+        event(f"reconfigure: {min(len(outside), 2)}+ outside")
 
     @invariant()
     def agrees_with_the_oracle(self) -> None:
@@ -301,8 +303,8 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 
 AllocatorMachine.TestCase.settings = settings(
-    max_examples=120,
-    stateful_step_count=40,
+    max_examples=250,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
