@@ -27,6 +27,7 @@ LABEL org.opencontainers.image.title="berth" \
 ENV PATH=/opt/berth/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    BERTH_LOG_FORMAT=json \
     HOME=/tmp
 COPY --from=build /opt/berth /opt/berth
 # Any non-root uid works; the chart runs 65532 with a read-only root

@@ -116,7 +116,7 @@ def create_pods(
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def report(title: str, created: dict[str, tuple[float, float]], clock: ConfigMapClock) -> None:
@@ -158,11 +158,58 @@ def writes(metrics: dict[str, float]) -> float:
     )
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def localcluster(*args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "hack" / "localcluster.py"), *args], check=True)
+
+
+def prepare_cluster(kubeconfig: str) -> list[str]:
+    """Install the CRDs and namespaces; return the kwok node names."""
+    kubectl = ["kubectl", "--kubeconfig", kubeconfig]
+    subprocess.run(
+        [*kubectl, "apply", "--server-side", "-f", str(ROOT / "crds")],
+        check=True,
+        capture_output=True,
+    )
+    for ns in ("berth-system", NAMESPACE):
+        # Fails harmlessly when the namespace is left from an earlier run.
+        subprocess.run([*kubectl, "create", "namespace", ns], check=False, capture_output=True)
+    config.load_kube_config(kubeconfig)
+    items = client.CoreV1Api().list_node().items
+    kwok = sorted(n.metadata.name for n in items if n.metadata.labels.get("type") == "kwok")
+    return kwok or [n.metadata.name for n in items]
+
+
+def measure_allocation(
+    core: client.CoreV1Api, nodes: list[str], operator: OperatorProcess, args: Any
+) -> None:
+    clock = ConfigMapClock(core)
+    before = scrape(args.metrics_port)
+    names = [f"steady-{i}" for i in range(args.pods)]
+    report("steady", create_pods(core, names, nodes, workers=4, pace=0.004), clock)
+    names = [f"burst-{i}" for i in range(args.burst)]
+    report("burst", create_pods(core, names, nodes, workers=16, pace=0), clock)
+    clock.stop()
+    time.sleep(2)
+    after = scrape(args.metrics_port)
+    allocations = after["berth_allocations_total"] - before.get("berth_allocations_total", 0)
+    print(f"\n== cost: {allocations:.0f} allocations")
+    print(f"  API writes per allocation: {(writes(after) - writes(before)) / allocations:.2f}")
+    print(f"  operator peak RSS: {operator.peak_rss_mb():.0f} MB")
+
+
+def measure_resync(operator: OperatorProcess, nodes: list[str], args: Any) -> None:
+    total = args.pods + args.burst
+    operator.kill()
+    started = time.monotonic()
+    operator.start()
+    wait_for(lambda: _resynced(args.metrics_port, total), timeout=300, interval=0.1, what="resync")
+    elapsed = time.monotonic() - started
+    m = scrape(args.metrics_port)
+    print(f"\n== resync with {total} pods on {len(nodes)} nodes")
+    print(f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s")
+    print(f"  start-up sweep finished at {m['berth_startup_sweep_seconds']:.2f} s")
+    print(f"  writes during resync: {writes(m):.0f}")
+    print(f"  operator peak RSS after resync: {operator.peak_rss_mb():.0f} MB")
 
 
 def main() -> None:
@@ -173,85 +220,25 @@ def main() -> None:
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting one")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="berth-bench-"))
+    cluster_dir = str(workdir / "cluster")
     kubeconfig = args.kubeconfig
     if not kubeconfig:
         print(f"starting a local control plane with {args.nodes} kwok nodes in {workdir}")
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "hack" / "localcluster.py"),
-                "up",
-                "--dir",
-                str(workdir / "cluster"),
-                "--nodes",
-                str(args.nodes),
-            ],
-            check=True,
-        )
-        kubeconfig = str(workdir / "cluster" / "kubeconfig")
-    kubectl = ["kubectl", "--kubeconfig", kubeconfig]
-    subprocess.run(
-        [*kubectl, "apply", "--server-side", "-f", str(ROOT / "crds")],
-        check=True,
-        capture_output=True,
-    )
-    for ns in ("berth-system", NAMESPACE):
-        subprocess.run([*kubectl, "create", "namespace", ns], capture_output=True)
-    config.load_kube_config(kubeconfig)
-    core = client.CoreV1Api()
-    nodes = sorted(
-        n.metadata.name for n in core.list_node().items if n.metadata.labels.get("type") == "kwok"
-    ) or [n.metadata.name for n in core.list_node().items]
-    metrics_port = free_port()
+        localcluster("up", "--dir", cluster_dir, "--nodes", str(args.nodes))
+        kubeconfig = f"{cluster_dir}/kubeconfig"
+    nodes = prepare_cluster(kubeconfig)
+    args.metrics_port = free_port()
     operator = OperatorProcess(
-        kubeconfig, workdir / "operator.log", env={"BERTH_METRICS_PORT": str(metrics_port)}
+        kubeconfig, workdir / "operator.log", env={"BERTH_METRICS_PORT": str(args.metrics_port)}
     ).start()
     try:
-        wait_for(lambda: _up(metrics_port), timeout=60, what="operator metrics")
-        clock = ConfigMapClock(core)
-        before = scrape(metrics_port)
-        names = [f"steady-{i}" for i in range(args.pods)]
-        steady = create_pods(core, names, nodes, workers=4, pace=0.004)
-        report("steady", steady, clock)
-        names = [f"burst-{i}" for i in range(args.burst)]
-        burst = create_pods(core, names, nodes, workers=16, pace=0)
-        report("burst", burst, clock)
-        time.sleep(2)
-        after = scrape(metrics_port)
-        allocations = after["berth_allocations_total"] - before.get("berth_allocations_total", 0)
-        print(f"\n== cost: {allocations:.0f} allocations")
-        print(f"  API writes per allocation: {(writes(after) - writes(before)) / allocations:.2f}")
-        print(f"  operator peak RSS: {peak_rss_mb(operator.proc.pid):.0f} MB")  # type: ignore[union-attr]
-        total = args.pods + args.burst
-        operator.kill()
-        clock.stop()
-        operator = OperatorProcess(
-            kubeconfig, workdir / "operator.log", env={"BERTH_METRICS_PORT": str(metrics_port)}
-        )
-        started = time.monotonic()
-        operator.start()
-        wait_for(lambda: _resynced(metrics_port, total), timeout=300, interval=0.1, what="resync")
-        elapsed = time.monotonic() - started
-        m = scrape(metrics_port)
-        print(f"\n== resync with {total} pods on {len(nodes)} nodes")
-        print(
-            f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s"
-        )
-        print(f"  start-up sweep finished at {m['berth_startup_sweep_seconds']:.2f} s")
-        print(f"  writes during resync: {writes(m):.0f}")
-        print(f"  operator peak RSS after resync: {peak_rss_mb(operator.proc.pid):.0f} MB")  # type: ignore[union-attr]
+        wait_for(lambda: _up(args.metrics_port), timeout=60, what="operator metrics")
+        measure_allocation(client.CoreV1Api(), nodes, operator, args)
+        measure_resync(operator, nodes, args)
     finally:
         operator.stop()
         if not args.kubeconfig:
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(ROOT / "hack" / "localcluster.py"),
-                    "down",
-                    "--dir",
-                    str(workdir / "cluster"),
-                ]
-            )
+            localcluster("down", "--dir", cluster_dir)
     print(f"\noperator log: {workdir / 'operator.log'}")
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 import kopf
 
 import berth.controllers  # noqa: F401  (registers the handlers)
-from berth.audit import configure_audit_stream
 from berth.config import OperatorConfig
+from berth.logs import configure_logging
 
 
 def main() -> None:
@@ -31,17 +30,11 @@ def main() -> None:
         default=os.environ.get("BERTH_PEERING", ""),
         help="ClusterKopfPeering name; empty runs standalone",
     )
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="debug logs (BERTH_LOG_LEVEL=debug)")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    if not args.verbose:
-        # One INFO line per handled pod event is noise at thousands of pods.
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    configure_audit_stream()
-    namespaces = OperatorConfig.from_env().watch_namespaces
+    config = OperatorConfig.from_env()
+    configure_logging("debug" if args.verbose else config.log_level, config.log_format)
+    namespaces = config.watch_namespaces
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,

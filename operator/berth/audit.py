@@ -50,6 +50,6 @@ def configure_audit_stream() -> None:
     """Audit lines are bare JSON on stdout, whatever format kopf logs in."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
+    logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False

@@ -22,6 +22,8 @@ class OperatorConfig:
     sweep_interval: float = 60.0
     metrics_port: int = 8080
     watch_namespaces: tuple[str, ...] = field(default=())
+    log_level: str = "info"
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -35,4 +37,6 @@ class OperatorConfig:
             watch_namespaces=tuple(
                 ns for ns in env.get("BERTH_WATCH_NAMESPACES", "").split(",") if ns
             ),
+            log_level=env.get("BERTH_LOG_LEVEL", cls.log_level).lower(),
+            log_format=env.get("BERTH_LOG_FORMAT", cls.log_format).lower(),
         )

@@ -90,6 +90,14 @@ class OperatorProcess:
     def audit_lines(self) -> list[dict[str, Any]]:
         return list(audit_lines(self.log))
 
+    def peak_rss_mb(self) -> float:
+        """The running process's peak resident set (VmHWM), for the benchmark."""
+        assert self.proc is not None, "the operator is not running"
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
 
 def audit_lines(log: Path) -> Iterator[dict[str, Any]]:
     for line in log.read_text().splitlines():

@@ -330,11 +330,12 @@ def test_values_reach_the_operator() -> None:
     assert env["BERTH_SWEEP_INTERVAL"] == "15"
     assert env["BERTH_METRICS_PORT"] == "9090"
     assert env["BERTH_LOG_FORMAT"] == "text"
+    assert env["BERTH_LOG_LEVEL"] == "debug"
     assert env["EXTRA"] == "1"
     c = container(objects)
     assert c["image"] == "registry.example/berth:0.1.1"
     assert c["imagePullPolicy"] == "Always"
-    assert c["args"] == ["--liveness=http://0.0.0.0:9091/healthz", "--verbose"]
+    assert c["args"] == ["--liveness=http://0.0.0.0:9091/healthz"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090, "health": 9091}
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
