@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 import yaml
 from tests.support.operator_process import wait_for
 from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
+from tests.support.tools import find_helm
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "berth"
@@ -31,11 +31,7 @@ Body = dict[str, Any]
 
 
 def helm_binary() -> str:
-    found = shutil.which("helm")
-    if found is None:
-        cache_dir = Path(os.environ.get("BERTH_CACHE", Path.home() / ".cache" / "berth"))
-        candidates = sorted(cache_dir.glob("bin/helm-*/helm"))
-        found = str(candidates[-1]) if candidates else None
+    found = find_helm()
     assert found, "helm is missing: hack/build-tools.sh builds it"
     return found
 

@@ -28,6 +28,7 @@ from tests.support.scenarios import (
     OPERATOR_NAMESPACE,
     all_allocated,
     apply_deployment,
+    custom_deployment,
     ensure_namespace,
     expected_pods,
     install_crds,
@@ -59,35 +60,6 @@ def assert_operator_healthy(log: Path) -> None:
     """I6: whatever happened, the operator never crashed on it."""
     text = log.read_text()
     assert "Traceback" not in text, text[-4000:]
-
-
-def small_deployment(
-    name: str, replicas: int = 2, blocks: list[Body] | None = None, node: str | None = None
-) -> Body:
-    """A custom-preset deployment with explicit blocks: predictable sizes."""
-    spec: Body = {"containers": [{"name": "engine", "image": "engine:1"}]}
-    if node:
-        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
-    return {
-        "apiVersion": "berth.dev/v1alpha1",
-        "kind": "InferenceDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "engine": {"preset": "custom"},
-            "roles": [
-                {
-                    "name": "worker",
-                    "replicas": replicas,
-                    "ports": blocks
-                    or [
-                        {"name": "http", "size": 1, "env": [{"name": "HTTP_PORT"}]},
-                        {"name": "side", "size": 4, "env": [{"name": "SIDE_PORT"}]},
-                    ],
-                    "template": {"spec": spec},
-                }
-            ],
-        },
-    }
 
 
 def quiet_and_consistent(cluster: Any) -> bool:
@@ -236,7 +208,7 @@ def test_churn_keeps_no_overlap_and_no_leak_and_audit_replays(
             action = rng.random()
             name = rng.choice(names)
             if action < 0.5:
-                body = small_deployment(name, replicas=rng.randint(0, 5))
+                body = custom_deployment(name, replicas=rng.randint(0, 5))
                 apply_deployment(cluster, namespace, body)
             elif action < 0.8:
                 pods = [p["metadata"]["name"] for p in pods_of(cluster, namespace, name)]
@@ -275,7 +247,7 @@ def test_sigkill_at_random_points_never_double_allocates_or_moves_ports(
         for cycle in range(20):
             proc = OperatorProcess(cluster.kubeconfig, log).start()
             name = f"kill-{cycle % 3}"
-            apply_deployment(cluster, namespace, small_deployment(name, rng.randint(1, 4)))
+            apply_deployment(cluster, namespace, custom_deployment(name, rng.randint(1, 4)))
             time.sleep(rng.uniform(0.3, 2.5))  # lands mid-start-up or mid-allocation
             proc.kill()
             ports = pod_ports(berth_pods(cluster))
@@ -301,7 +273,7 @@ def test_two_operators_without_peering_never_share_a_port(
     try:
         with LedgerWatcher(core_api) as watcher:
             for i in range(4):
-                apply_deployment(cluster, namespace, small_deployment(f"race-{i}", 6))
+                apply_deployment(cluster, namespace, custom_deployment(f"race-{i}", 6))
             wait_for(
                 lambda: all(all_allocated(cluster, namespace, f"race-{i}", 6) for i in range(4)),
                 timeout=90,
@@ -322,7 +294,7 @@ def test_pods_deleted_while_operator_down_are_reclaimed_at_start_up(
 ) -> None:
     log = tmp_path / "operator.log"
     proc = OperatorProcess(cluster.kubeconfig, log).start()
-    apply_deployment(cluster, namespace, small_deployment("missed", 3))
+    apply_deployment(cluster, namespace, custom_deployment("missed", 3))
     wait_for(lambda: all_allocated(cluster, namespace, "missed", 3), timeout=60, what="alloc")
     proc.stop()
     gone = {p["metadata"]["uid"] for p in pods_of(cluster, namespace, "missed")}
@@ -390,9 +362,9 @@ def test_exhaustion_waits_with_event_and_condition_then_recovers(
     apply_pool(cluster, "tiny", node, 25000, 25011)  # 12 ports
     try:
         eight = [{"name": "block", "size": 8, "env": [{"name": "BLOCK_PORT"}]}]
-        apply_deployment(cluster, namespace, small_deployment("holder", 1, eight, node))
+        apply_deployment(cluster, namespace, custom_deployment("holder", 1, eight, node))
         wait_for(lambda: all_allocated(cluster, namespace, "holder", 1), timeout=60, what="1st")
-        apply_deployment(cluster, namespace, small_deployment("starved", 1, eight, node))
+        apply_deployment(cluster, namespace, custom_deployment("starved", 1, eight, node))
         pod = "starved-worker-0"
         wait_for(
             lambda: any(
@@ -448,7 +420,7 @@ def test_ports_declared_by_other_pods_are_never_handed_out(
         cluster.kubectl("apply", "-f", "-", input=json.dumps(foreign))
         time.sleep(1)  # the index learns it from the watch
         one = [{"name": "http", "size": 4, "env": [{"name": "HTTP_PORT"}]}]
-        apply_deployment(cluster, namespace, small_deployment("neighbour", 1, one, node))
+        apply_deployment(cluster, namespace, custom_deployment("neighbour", 1, one, node))
         wait_for(
             lambda: all_allocated(cluster, namespace, "neighbour", 1), timeout=60, what="alloc"
         )
@@ -463,7 +435,7 @@ def test_ports_declared_by_other_pods_are_never_handed_out(
 def test_spec_the_schema_accepts_but_berth_cannot_serve_is_a_condition(
     cluster: Any, operator: OperatorProcess, namespace: str
 ) -> None:
-    body = small_deployment("old-engine", 1)
+    body = custom_deployment("old-engine", 1)
     body["spec"]["engine"] = {"preset": "vllm", "version": "0.5.0"}
     apply_deployment(cluster, namespace, body)
     wait_for(
@@ -514,7 +486,7 @@ def test_deleted_node_takes_its_ledger_and_dead_pods_their_configmaps(
             timeout=60,
             what="extra node Ready",
         )
-        apply_deployment(cluster, namespace, small_deployment("pinned", 2, node=name))
+        apply_deployment(cluster, namespace, custom_deployment("pinned", 2, node=name))
         wait_for(lambda: all_allocated(cluster, namespace, "pinned", 2), timeout=60, what="alloc")
         ledger = f"berth-ledger.{name}"
         owner = json.loads(

@@ -25,9 +25,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +38,13 @@ import yaml
 from tests.support import scenarios
 from tests.support.invariants import berth_pods, read_ledgers
 from tests.support.operator_process import OperatorProcess, wait_for
-from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
+from tests.support.scenarios import (
+    OPERATOR_NAMESPACE,
+    custom_deployment,
+    ensure_namespace,
+    install_crds,
+)
+from tests.support.tools import find_helm
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "berth"
@@ -90,11 +94,7 @@ TRIGGERS: dict[Perm, int] = {
 
 
 def helm_binary() -> str:
-    found = shutil.which("helm")
-    if found is None:
-        cache_dir = Path(os.environ.get("BERTH_CACHE", Path.home() / ".cache" / "berth"))
-        candidates = sorted(cache_dir.glob("bin/helm-*/helm"))
-        found = str(candidates[-1]) if candidates else None
+    found = find_helm()
     assert found, "helm is missing: hack/build-tools.sh builds it"
     return found
 
@@ -222,33 +222,6 @@ def identity(cluster: Any, chart_rbac: list[Body], sa_kubeconfig: str) -> Iterat
 # --- the drive: every behaviour that needs a permission -----------------------
 
 
-def worker_deployment(name: str, replicas: int, node: str, image: str) -> Body:
-    return {
-        "apiVersion": "berth.dev/v1alpha1",
-        "kind": "InferenceDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "engine": {"preset": "custom"},
-            "roles": [
-                {
-                    "name": "worker",
-                    "replicas": replicas,
-                    "ports": [
-                        {"name": "http", "size": 1, "env": [{"name": "HTTP_PORT"}]},
-                        {"name": "side", "size": 4, "env": [{"name": "SIDE_PORT"}]},
-                    ],
-                    "template": {
-                        "spec": {
-                            "nodeSelector": {"kubernetes.io/hostname": node},
-                            "containers": [{"name": "engine", "image": image}],
-                        }
-                    },
-                }
-            ],
-        },
-    }
-
-
 # The authorizer's words (other 403s, e.g. a terminating namespace, are not RBAC).
 RBAC_DENIAL = re.compile(r"cannot [a-z]+ resource")
 
@@ -366,7 +339,7 @@ class Drive:
 
     def allocate(self) -> None:
         node = self.cluster.nodes[0]
-        body = worker_deployment(DEPLOYMENT, 3, node, self.cluster.image)
+        body = custom_deployment(DEPLOYMENT, 3, node=node, image=self.cluster.image)
         body["metadata"]["namespace"] = self.namespace
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
         self.until(lambda: self.allocated(3), 30, "3 pods with ports")
@@ -390,7 +363,7 @@ class Drive:
         self.until(lambda: surplus not in self.held(), 15, "its ports to be released")
 
     def spec_error(self) -> None:
-        body = worker_deployment(BROKEN, 1, self.cluster.nodes[0], self.cluster.image)
+        body = custom_deployment(BROKEN, 1, node=self.cluster.nodes[0], image=self.cluster.image)
         body["metadata"]["namespace"] = self.namespace
         body["spec"]["engine"] = {"preset": "vllm", "version": "0.5.0"}
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(body))

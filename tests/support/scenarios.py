@@ -61,6 +61,39 @@ def apply_deployment(cluster: Any, namespace: str, manifest: dict[str, Any]) -> 
     cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
 
 
+def custom_deployment(
+    name: str,
+    replicas: int = 2,
+    blocks: list[dict[str, Any]] | None = None,
+    node: str | None = None,
+    image: str = "engine:1",
+) -> dict[str, Any]:
+    """A custom-preset deployment with explicit blocks: predictable sizes."""
+    spec: dict[str, Any] = {"containers": [{"name": "engine", "image": image}]}
+    if node:
+        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+    return {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "engine": {"preset": "custom"},
+            "roles": [
+                {
+                    "name": "worker",
+                    "replicas": replicas,
+                    "ports": blocks
+                    or [
+                        {"name": "http", "size": 1, "env": [{"name": "HTTP_PORT"}]},
+                        {"name": "side", "size": 4, "env": [{"name": "SIDE_PORT"}]},
+                    ],
+                    "template": {"spec": spec},
+                }
+            ],
+        },
+    }
+
+
 def run_example_scenario(
     cluster: Any, kubeconfig: str, namespace: str, tmp_path: Path, timeout: float = 90
 ) -> OperatorProcess:
@@ -69,17 +102,21 @@ def run_example_scenario(
     install_crds(cluster)
     ensure_namespace(cluster, OPERATOR_NAMESPACE)
     operator = OperatorProcess(kubeconfig, tmp_path / "operator.log").start()
-    manifest = load_example()
-    apply_deployment(cluster, namespace, manifest)
-    name = manifest["metadata"]["name"]
-    wait_for(
-        lambda: all_allocated(cluster, namespace, name, expected_pods(manifest)),
-        timeout=timeout,
-        what=f"every pod of {name} to get ports",
-    )
-    view = read_ledgers(cluster)
-    assert_no_overlap(view)
-    wait_for(lambda: _quiet_no_leak(cluster), timeout=30, what="ledger == live pods")
+    try:
+        manifest = load_example()
+        apply_deployment(cluster, namespace, manifest)
+        name = manifest["metadata"]["name"]
+        wait_for(
+            lambda: all_allocated(cluster, namespace, name, expected_pods(manifest)),
+            timeout=timeout,
+            what=f"every pod of {name} to get ports",
+        )
+        view = read_ledgers(cluster)
+        assert_no_overlap(view)
+        wait_for(lambda: _quiet_no_leak(cluster), timeout=30, what="ledger == live pods")
+    except BaseException:
+        operator.stop()  # a failed scenario must not leave an operator serving the next test
+        raise
     return operator
 
 

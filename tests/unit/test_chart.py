@@ -11,7 +11,6 @@ import filecmp
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import tomllib
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support.tools import find_helm
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "berth"
@@ -56,11 +56,7 @@ UNUSED = [
 
 
 def helm_binary() -> str:
-    found = shutil.which("helm")
-    if found is None:
-        cache_dir = Path(os.environ.get("BERTH_CACHE", Path.home() / ".cache" / "berth"))
-        candidates = sorted(cache_dir.glob("bin/helm-*/helm"))
-        found = str(candidates[-1]) if candidates else None
+    found = find_helm()
     if found is None:
         if os.environ.get("CI"):
             pytest.fail("helm is missing: hack/build-tools.sh builds it")
