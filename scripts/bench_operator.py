@@ -3,7 +3,8 @@
 
 Prints figures; asserts nothing (targets are in the README and the issue).
 Scenarios, in one run:
-  steady  N pods spread over the nodes, created at a steady pace
+  steady  N pods spread over the nodes, created at --rate pods/s (latency
+          below saturation; the burst measures throughput)
   burst   B pods created at once
   resync  SIGKILL the operator with the cluster full, start it, time the resync
 Pods are created already bound (spec.nodeName), so "bound -> ConfigMap
@@ -106,11 +107,12 @@ def create_pods(
         core.create_namespaced_pod(NAMESPACE, pod_body(name, nodes[i % len(nodes)]))
         times[name] = (started, time.monotonic())
 
+    begin = time.monotonic()
     with ThreadPoolExecutor(workers) as pool:
         for i in range(len(names)):
+            # On a schedule, not sleep after sleep: slow calls must not lower the rate.
+            time.sleep(max(0.0, begin + i * pace - time.monotonic()))
             pool.submit(one, i)
-            if pace:
-                time.sleep(pace)
     return times
 
 
@@ -185,7 +187,8 @@ def measure_allocation(
     clock = ConfigMapClock(core)
     before = scrape(args.metrics_port)
     names = [f"steady-{i}" for i in range(args.pods)]
-    report("steady", create_pods(core, names, nodes, workers=4, pace=0.004), clock)
+    steady = create_pods(core, names, nodes, workers=8, pace=1 / args.rate)
+    report(f"steady, {args.rate:g} pods/s", steady, clock)
     names = [f"burst-{i}" for i in range(args.burst)]
     report("burst", create_pods(core, names, nodes, workers=16, pace=0), clock)
     clock.stop()
@@ -217,6 +220,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--pods", type=int, default=2000)
     parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument(
+        "--rate", type=float, default=20, help="steady scenario: pods created per second"
+    )
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting one")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="berth-bench-"))
