@@ -18,6 +18,7 @@ event on a watch. The raw pod-create latency of the same run is the reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, config, watch  # noqa: E402
 from tests.support.operator_process import OperatorProcess, free_port, wait_for  # noqa: E402
+from urllib3.exceptions import ProtocolError  # noqa: E402
 
 from berth.api.presets import EnvBinding, ResolvedBlock, ResolvedRole  # noqa: E402
 from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY  # noqa: E402
@@ -76,23 +78,25 @@ class ConfigMapClock:
     def __init__(self, core: client.CoreV1Api) -> None:
         self.seen: dict[str, float] = {}
         self._core = core
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._watch = watch.Watch()
+        threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            for event in watch.Watch().stream(
-                self._core.list_namespaced_config_map,
-                NAMESPACE,
-                label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}",
-                timeout_seconds=5,
-            ):
+        # One stream for the whole run: the client resumes from the last
+        # resourceVersion when the server ends it, so no re-list ever stamps
+        # a ConfigMap late.
+        stream = self._watch.stream(
+            self._core.list_namespaced_config_map,
+            NAMESPACE,
+            label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+        )
+        with contextlib.suppress(ProtocolError):  # the stream cut by stop()
+            for event in stream:
                 name = event["object"].metadata.name.removesuffix("-ports")
                 self.seen.setdefault(name, time.monotonic())
 
     def stop(self) -> None:
-        self._stop.set()
+        self._watch.stop()
 
 
 def create_pods(
@@ -126,6 +130,7 @@ def report(title: str, created: dict[str, tuple[float, float]], clock: ConfigMap
     latency = [(clock.seen[n] - t[1]) * 1000 for n, t in created.items()]
     raw = [(t[1] - t[0]) * 1000 for t in created.values()]
     first = min(t[0] for t in created.values())
+    created_all = max(t[1] for t in created.values())
     last = max(clock.seen[n] for n in created)
     print(f"\n== {title}: {len(created)} pods")
     print(
@@ -139,7 +144,8 @@ def report(title: str, created: dict[str, tuple[float, float]], clock: ConfigMap
     )
     print(
         f"  first create -> last ConfigMap: {last - first:.2f} s  "
-        f"({len(created) / (last - first):.0f} pods/s)"
+        f"({len(created) / (last - first):.0f} pods/s; creating them took "
+        f"{created_all - first:.2f} s)"
     )
 
 
@@ -181,6 +187,20 @@ def prepare_cluster(kubeconfig: str) -> list[str]:
     return kwok or [n.metadata.name for n in items]
 
 
+def handler_shares(before: dict[str, float], after: dict[str, float]) -> str:
+    """The operator's own view: handler start to annotation written, per bucket."""
+
+    def count(le: str) -> float:
+        key = f'berth_allocation_seconds_bucket{{le="{le}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    total = count("+Inf") or 1.0
+    return "  ".join(f"<= {float(le) * 1000:.0f} ms {count(le) / total:.0%}" for le in LE_SHOWN)
+
+
+LE_SHOWN = ("0.01", "0.03", "0.15", "1.0")
+
+
 def measure_allocation(
     core: client.CoreV1Api, nodes: list[str], operator: OperatorProcess, args: Any
 ) -> None:
@@ -189,8 +209,11 @@ def measure_allocation(
     names = [f"steady-{i}" for i in range(args.pods)]
     steady = create_pods(core, names, nodes, workers=8, pace=1 / args.rate)
     report(f"steady, {args.rate:g} pods/s", steady, clock)
+    middle = scrape(args.metrics_port)
+    print(f"  operator side: {handler_shares(before, middle)}")
     names = [f"burst-{i}" for i in range(args.burst)]
     report("burst", create_pods(core, names, nodes, workers=16, pace=0), clock)
+    print(f"  operator side: {handler_shares(middle, scrape(args.metrics_port))}")
     clock.stop()
     time.sleep(2)
     after = scrape(args.metrics_port)
@@ -238,7 +261,8 @@ def main() -> None:
         kubeconfig, workdir / "operator.log", env={"BERTH_METRICS_PORT": str(args.metrics_port)}
     ).start()
     try:
-        wait_for(lambda: _up(args.metrics_port), timeout=60, what="operator metrics")
+        # Measure the steady state: the operator has synced and swept once.
+        wait_for(lambda: _resynced(args.metrics_port, 0), timeout=60, what="operator ready")
         measure_allocation(client.CoreV1Api(), nodes, operator, args)
         measure_resync(operator, nodes, args)
     finally:
@@ -246,14 +270,6 @@ def main() -> None:
         if not args.kubeconfig:
             localcluster("down", "--dir", cluster_dir)
     print(f"\noperator log: {workdir / 'operator.log'}")
-
-
-def _up(port: int) -> bool:
-    try:
-        scrape(port)
-    except OSError:
-        return False
-    return True
 
 
 def _resynced(port: int, total: int) -> bool:
