@@ -263,25 +263,25 @@ class DeploymentService:
         degraded = "; ".join(problems)[:1000]
         if problems and degraded != _condition_message(body, "Degraded"):
             self.post_event(body, type="Warning", reason="ReconcileError", message=degraded)
-        await self._patch_status(meta["namespace"], meta["name"], status)
+        await self._patch_status(body, status)
 
     async def _degraded(
         self, body: Mapping[str, Any], reason: str, message: str, generation: int
     ) -> None:
         if message != _condition_message(body, "Degraded"):
             self.post_event(body, type="Warning", reason=reason, message=message)
-        meta = body["metadata"]
         condition = _condition("Degraded", True, reason, message, generation)
         conditions = _merge_conditions(body.get("status", {}).get("conditions", []), [condition])
-        await self._patch_status(
-            meta["namespace"],
-            meta["name"],
-            {"observedGeneration": generation, "conditions": conditions},
-        )
+        await self._patch_status(body, {"observedGeneration": generation, "conditions": conditions})
 
-    async def _patch_status(self, namespace: str, name: str, status: Body) -> None:
+    async def _patch_status(self, body: Mapping[str, Any], status: Body) -> None:
+        current = body.get("status") or {}
+        if all(current.get(key) == value for key, value in status.items()):
+            return  # a refresh that changed nothing costs no write
+        meta = body["metadata"]
+        url = self._url(meta["namespace"], meta["name"], "status")
         try:
-            await self.client.merge_patch(self._url(namespace, name, "status"), {"status": status})
+            await self.client.merge_patch(url, {"status": status})
         except KubeError as error:
             if not error.not_found:
                 raise

@@ -382,7 +382,10 @@ def test_every_object_has_the_standard_labels() -> None:
         (["--set-json", "defaultPool=[]"], "at '/defaultPool': minItems"),
         (["--set", "reservedPorts={http}"], "at '/reservedPorts/0': 'http' does not match"),
         (["--set", "logFormat=xml"], "at '/logFormat': value must be one of 'text', 'json'"),
-        (["--set", "logLevel=trace"], "at '/logLevel': value must be one of 'debug', 'info', 'warning'"),
+        (
+            ["--set", "logLevel=trace"],
+            "at '/logLevel': value must be one of 'debug', 'info', 'warning'",
+        ),
         (["--set", "sweepIntervalSeconds=0"], "at '/sweepIntervalSeconds': minimum"),
         (["--set", "watchNamespaces={Bad_NS}"], "at '/watchNamespaces/0'"),
         (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
