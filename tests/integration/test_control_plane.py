@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -384,9 +383,6 @@ def test_second_cluster_gets_its_own_ports_and_down_leaves_nothing(
     assert (tmp_path / "second" / "logs" / "kube-apiserver.log").stat().st_size > 0
 
 
-@pytest.mark.skipif(
-    not os.environ.get("BERTH_CONTROL_PLANE_SLOW"), reason="set BERTH_CONTROL_PLANE_SLOW=1"
-)
 def test_nodes_stay_ready_past_the_node_monitor_grace_period(cluster: Cluster) -> None:
     """Leases keep the fake nodes Ready well beyond the 50 s grace period."""
     local_only(cluster)
