@@ -6,13 +6,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from berth import kube, metrics
+from berth.cluster import ClusterCache
 from berth.config import OperatorConfig
-from berth.controllers.cluster import IndexedCluster
 from berth.deployments import DeploymentService
 from berth.events import EventPoster
 from berth.kube import Kube
@@ -30,14 +28,14 @@ PROCESS_STARTED = time.time()
 class Runtime:
     config: OperatorConfig
     client: Kube
-    cluster: IndexedCluster
+    cluster: ClusterCache
     ports: PortService
     deployments: DeploymentService
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: OperatorConfig, client: Kube, indexes: Mapping[str, Any]) -> Runtime:
-        cluster = IndexedCluster(config, indexes)
+    def build(cls, config: OperatorConfig, client: Kube) -> Runtime:
+        cluster = ClusterCache(config)
         post_event = EventPoster(client)
         deployments = DeploymentService(client, post_event)
         ports = PortService(
@@ -58,6 +56,7 @@ class Runtime:
 
     async def sweep(self) -> int:
         """Reclaim leaks and retry waiting pods; the same at start-up and on the timer."""
+        await self.cluster.resync(self.client, pods=False)
         reclaimed = await self.ports.reclaim(await self.ports.list_live_pods())
         await self.ports.retry_waiting()
         await self.report_pools()

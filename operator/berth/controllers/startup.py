@@ -23,7 +23,7 @@ async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config = OperatorConfig.from_env()
     # Our own prefix for kopf's bookkeeping on InferenceDeployments, never kopf's.
     settings.persistence.finalizer = FINALIZER
@@ -43,7 +43,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     # Failed handlers retry quickly at first: allocation is latency-sensitive.
     settings.networking.error_backoffs = (0.5, 1, 2, 5, 10)
     client = await Kube.connect()
-    runtime = Runtime.build(config, client, kwargs)
+    runtime = Runtime.build(config, client)
+    # Before any watch starts: allocation must know every pool and every
+    # host port already claimed from its first event on.
+    await runtime.cluster.resync(client, pods=True)
     memo["runtime"] = runtime
     start_http_server(config.metrics_port)
     runtime.start_sweeper()

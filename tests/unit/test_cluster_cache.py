@@ -1,0 +1,133 @@
+"""The in-memory cluster view: what other pods claim, which pool a node uses,
+and LISTs that race with watch events."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from berth.allocator.ranges import PortRange
+from berth.cluster import ClusterCache, SnapshotCache, foreign_claim
+from berth.config import OperatorConfig
+
+Body = dict[str, Any]
+
+
+def pod(
+    uid: str = "u1",
+    node: str | None = "n1",
+    ports: list[Body] | None = None,
+    *,
+    host_network: bool = False,
+    labels: dict[str, str] | None = None,
+    phase: str = "Running",
+) -> Body:
+    spec: Body = {"containers": [{"name": "c", "ports": ports or []}]}
+    if node:
+        spec["nodeName"] = node
+    if host_network:
+        spec["hostNetwork"] = True
+    return {
+        "metadata": {"name": f"pod-{uid}", "uid": uid, "labels": labels or {}},
+        "spec": spec,
+        "status": {"phase": phase},
+    }
+
+
+def pool(name: str, start: int, end: int, priority: int = 0, gpu: bool = True) -> Body:
+    selector = {"matchLabels": {"gpu": "yes"}} if gpu else None
+    spec: Body = {"ranges": [{"start": start, "end": end}], "priority": priority}
+    if selector:
+        spec["nodeSelector"] = selector
+    return {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "NodePortPool",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def node(name: str, labels: dict[str, str] | None = None) -> Body:
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "labels": labels or {}}}
+
+
+def test_host_ports_are_claimed_and_container_ports_only_with_host_network() -> None:
+    bridged = pod(ports=[{"containerPort": 80}, {"containerPort": 81, "hostPort": 9001}])
+    assert foreign_claim(bridged) == ("n1", (9001,))
+    host = pod(ports=[{"containerPort": 9100}, {"containerPort": 9101}], host_network=True)
+    assert foreign_claim(host) == ("n1", (9100, 9101))
+
+
+def test_pods_that_claim_nothing_on_a_node() -> None:
+    ports = [{"containerPort": 9100}]
+    assert foreign_claim(pod(ports=ports)) is None  # no host network, no hostPort
+    assert foreign_claim(pod(ports=ports, host_network=True, node=None)) is None  # unbound
+    finished = pod(ports=ports, host_network=True, phase="Succeeded")
+    assert foreign_claim(finished) is None
+    berths = pod(ports=ports, host_network=True, labels={"app.kubernetes.io/managed-by": "berth"})
+    assert foreign_claim(berths) is None  # its ports are in the ledger already
+
+
+def test_foreign_ports_follow_pod_events_per_node() -> None:
+    cache = ClusterCache(OperatorConfig())
+    cache.observe_pod(None, pod("a", "n1", [{"containerPort": 1, "hostPort": 20005}]))
+    cache.observe_pod("ADDED", pod("b", "n2", [{"containerPort": 1, "hostPort": 20006}]))
+    assert cache.foreign_ports("n1") == [PortRange(20005, 20005)]
+    cache.observe_pod("DELETED", pod("a", "n1", [{"containerPort": 1, "hostPort": 20005}]))
+    assert cache.foreign_ports("n1") == []
+    finished = pod("b", "n2", [{"containerPort": 1, "hostPort": 20006}], phase="Failed")
+    cache.observe_pod("MODIFIED", finished)
+    assert cache.foreign_ports("n2") == []
+
+
+def test_pool_choice_follows_node_and_pool_events() -> None:
+    cache = ClusterCache(OperatorConfig())
+    cache.observe_node(None, node("g1", {"gpu": "yes"}))
+    cache.observe_node(None, node("c1"))
+    cache.observe_pool(None, pool("gpu", 21000, 21999))
+    cache.observe_pool(None, pool("gpu-hi", 23000, 23099, priority=5))
+    assert cache.pool_for("g1").name == "gpu-hi"
+    assert cache.pool_for("c1").name == "default"
+    assert cache.node_uid("g1") == "uid-g1"
+    cache.observe_pool("DELETED", pool("gpu-hi", 23000, 23099, priority=5))
+    assert cache.pool_for("g1").ranges == (PortRange(21000, 21999),)
+    assert sorted(cache.nodes()) == ["c1", "g1"]
+
+
+def test_an_invalid_pool_is_left_out_not_raised() -> None:
+    cache = ClusterCache(OperatorConfig())
+    broken = pool("broken", 22000, 21000)  # end before start: the schema refuses it
+    cache.observe_pool(None, broken)
+    assert cache.pools() == []
+
+
+async def test_a_list_never_overrides_what_an_event_said_meanwhile() -> None:
+    cache: SnapshotCache[str, int] = SnapshotCache()
+    cache.observe("kept", 1)
+    cache.observe("stale", 1)
+    cache.observe("deleted-during-list", 1)
+    listed = asyncio.Event()
+
+    async def listing() -> dict[str, int]:
+        await listed.wait()
+        # A snapshot taken before the events below were seen.
+        return {"kept": 1, "deleted-during-list": 1, "updated-during-list": 1, "new": 1}
+
+    resync = asyncio.create_task(cache.resync(listing))
+    await asyncio.sleep(0)
+    cache.observe("deleted-during-list", None)
+    cache.observe("updated-during-list", 2)
+    listed.set()
+    await resync
+    assert dict(zip(cache.keys(), cache.values(), strict=True)) == {
+        "kept": 1,
+        "updated-during-list": 2,
+        "new": 1,
+    }
+    # Outside a LIST, events apply as they come; the next LIST wins again.
+    await cache.resync(lambda: _const({"new": 3}))
+    assert cache.keys() == ["new"] and cache.get("new") == 3
+
+
+async def _const(value: dict[str, int]) -> dict[str, int]:
+    return value
