@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import subprocess
 import sys
@@ -159,11 +160,17 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+WRITE = re.compile(r'berth_api_requests_total\{resource="([^"]*)",verb="(POST|PUT|PATCH|DELETE)"\}')
+
+
+def writes_by_kind(metrics: dict[str, float]) -> dict[str, float]:
+    """``"PUT configmaps" -> count`` for every write Berth's client sent."""
+    found = ((WRITE.fullmatch(key), value) for key, value in metrics.items())
+    return {f"{m[2]} {m[1]}": value for m, value in found if m}
+
+
 def writes(metrics: dict[str, float]) -> float:
-    return sum(
-        metrics.get(f'berth_api_requests_total{{verb="{v}"}}', 0.0)
-        for v in ("POST", "PUT", "PATCH", "DELETE")
-    )
+    return sum(writes_by_kind(metrics).values())
 
 
 def localcluster(*args: str) -> None:
@@ -220,6 +227,9 @@ def measure_allocation(
     allocations = after["berth_allocations_total"] - before.get("berth_allocations_total", 0)
     print(f"\n== cost: {allocations:.0f} allocations")
     print(f"  API writes per allocation: {(writes(after) - writes(before)) / allocations:.2f}")
+    old = writes_by_kind(before)
+    kinds = {k: v - old.get(k, 0.0) for k, v in writes_by_kind(after).items()}
+    print("  " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items()) if v))
     print(f"  operator peak RSS: {operator.peak_rss_mb():.0f} MB")
 
 

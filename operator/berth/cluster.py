@@ -131,8 +131,8 @@ class ClusterCache:
         """Re-list nodes and pools (and, at start-up, every pod's host ports)."""
 
         async def listing(url: str, entry: Callable[[Body], V | None], key: str) -> dict[str, V]:
-            items = await client.list(url)
-            entries = ((item["metadata"][key], entry(item)) for item in items)
+            # Page by page: a cluster's every pod never sits in memory at once.
+            entries = [(item["metadata"][key], entry(item)) async for item in client.iterate(url)]
             return {k: v for k, v in entries if v is not None}
 
         await self._nodes.resync(lambda: listing(kube.path("nodes"), node_entry, "name"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -73,6 +73,15 @@ def path(
     return "/".join(parts)
 
 
+def resource_of(url: str) -> str:
+    """``configmaps``, ``pods/status``, ...: what a REST path addresses."""
+    segments = url.partition("?")[0].strip("/").split("/")
+    rest = segments[2:] if segments[0] == "api" else segments[3:]
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    return "/".join(rest[:1] + rest[2:3])
+
+
 class Kube:
     """One aiohttp session against one API server."""
 
@@ -111,7 +120,7 @@ class Kube:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Body:
-        metrics.API_REQUESTS.labels(method).inc()
+        metrics.API_REQUESTS.labels(method, resource_of(url)).inc()
         headers = {"Accept": "application/json", "Content-Type": content_type}
         token = await self._config.get_api_key_with_prefix("BearerToken")
         if token:
@@ -144,16 +153,20 @@ class Kube:
 
     async def list(self, url: str, label_selector: str | None = None) -> list[Body]:
         """Every item of a collection, following continue tokens."""
-        items: list[Body] = []
+        return [item async for item in self.iterate(url, label_selector)]
+
+    async def iterate(self, url: str, label_selector: str | None = None) -> AsyncIterator[Body]:
+        """Every item of a collection, a page of 500 in memory at a time."""
         params: dict[str, str] = {"limit": "500"}
         if label_selector:
             params["labelSelector"] = label_selector
         while True:
             page = await self.get(url, params)
-            items.extend(page.get("items", []))
+            for item in page.get("items", []):
+                yield item
             token = page.get("metadata", {}).get("continue")
             if not token:
-                return items
+                return
             params["continue"] = token
 
     async def create(self, url: str, body: Body) -> Body:

@@ -14,7 +14,9 @@ ALLOCATION_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
 )
 API_REQUESTS = Counter(
-    "berth_api_requests_total", "Requests Berth's own client sent to the API server", ["verb"]
+    "berth_api_requests_total",
+    "Requests Berth's own client sent to the API server",
+    ["verb", "resource"],
 )
 POD_EVENTS = Counter("berth_pod_events_total", "Watch events of Berth pods handled")
 STARTUP_SWEEP_SECONDS = Gauge(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,10 +171,10 @@ class PortService:
                 if current is not None:
                     await self.ensure_allocated(current.pod)
 
-    async def reclaim(self, live: Mapping[str, Mapping[str, Any]]) -> int:
+    async def reclaim(self, live: Collection[str]) -> int:
         """Release every ledger entry whose pod is gone or finished.
 
-        ``live`` maps UID to pod for every Berth pod listed just now. A UID
+        ``live`` holds the UID of every running Berth pod listed just now. A UID
         missing from it is double-checked with a GET before its ports go: a
         pod created after the list must not lose ports another replica just
         gave it. UIDs are never reused, so "gone" is final.
@@ -183,9 +183,9 @@ class PortService:
         for ledger in await self.ledgers.load_all():
             stale = []
             for holder, _ in ledger.held():
-                pod = live.get(holder.uid)
-                if pod is None:
-                    pod = await self._current_pod(holder)
+                if holder.uid in live:
+                    continue
+                pod = await self._current_pod(holder)
                 if pod is None or is_terminated(pod):
                     stale.append(holder.uid)
             if stale:
@@ -198,11 +198,12 @@ class PortService:
         metrics.RECLAIMED.inc(reclaimed)
         return reclaimed
 
-    async def list_live_pods(self) -> dict[str, Body]:
-        pods = await self.client.list(
+    async def list_live_pods(self) -> set[str]:
+        """UIDs of the Berth pods that may still use their ports."""
+        pods = self.client.iterate(
             kube.path("pods"), label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         )
-        return {p["metadata"]["uid"]: p for p in pods if not is_terminated(p)}
+        return {p["metadata"]["uid"] async for p in pods if not is_terminated(p)}
 
     async def _current_pod(self, holder: Holder) -> Body | None:
         pod = await self.client.get_or_none(
