@@ -119,12 +119,14 @@ async def test_release_frees_exactly_and_exhaustion_is_typed() -> None:
     assert again.fresh
 
 
-async def test_pool_change_keeps_live_allocations() -> None:
+async def test_pool_change_keeps_live_allocations(caplog: pytest.LogCaptureFixture) -> None:
     store = CasStore()
     ledgers = Ledgers(store)  # type: ignore[arg-type]
     first = await ledgers.allocate("node-a", holder(1), REQUEST, POOL)
     moved = PoolConfig("gpu", (PortRange(21000, 21099),))
     second = await ledgers.allocate("node-a", holder(2), REQUEST, moved)
+    # Reported, not dropped: the log names the pod whose ports the pool left.
+    assert "pool gpu no longer covers the ports of ns/pod-1" in caplog.text
     ledger = await store.load("node-a")
     assert ledger is not None and ledger.pool_config == moved
     assert ledger.pool.get("uid-1") == first.assignment  # never moved

@@ -9,6 +9,7 @@ retry but never a double allocation (I4, I5).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from berth.ledger.records import Holder, NodeLedger
 from berth.ledger.store import LedgerConflict, LedgerStore
 
 T = TypeVar("T")
+log = logging.getLogger("berth.ledger")
 
 MAX_ATTEMPTS = 8
 
@@ -101,8 +103,17 @@ class Ledgers:
                 ), False
             if ledger.pool_config != pool:
                 # Never moves live allocations; those now outside stay held.
-                ledger.pool.reconfigure(pool.ranges, pool.reserved)
+                outside = ledger.pool.reconfigure(pool.ranges, pool.reserved)
                 ledger.pool_config = pool
+                for held in outside:
+                    owner = ledger.holders.get(held.owner)
+                    log.warning(
+                        "node %s: pool %s no longer covers the ports of %s; they stay held "
+                        "until the pod goes",
+                        node,
+                        pool.name,
+                        f"{owner.namespace}/{owner.pod}" if owner else held.owner,
+                    )
             assignment = ledger.pool.allocate(holder.uid, requests, avoid)
             ledger.holders[holder.uid] = holder
             return Allocation(holder, assignment, pool, True), True
