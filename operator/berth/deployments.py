@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +65,8 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int)
 class DeploymentService:
     client: Kube
     post_event: EventSink
+    #: (namespace, deployment) -> its worker pods, from memory (berth.cluster)
+    workers: Callable[[str, str], list[Mapping[str, Any]]]
     waiting: dict[str, Waiting] = field(default_factory=dict)
     _coalescer: Coalescer[tuple[str, str]] | None = None
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
@@ -119,10 +121,7 @@ class DeploymentService:
         except ValidationError as error:
             await self._degraded(body, "InvalidSpec", _first_error(error), generation)
             return
-        pods = await self.client.list(
-            kube.path("pods", namespace=namespace), label_selector=f"{LABEL_DEPLOYMENT}={name}"
-        )
-        by_name = {p["metadata"]["name"]: p for p in pods}
+        by_name = {p["metadata"]["name"]: p for p in self.workers(namespace, name)}
         problems: list[str] = []
         counts: list[RoleCounts] = []
         wanted: set[str] = set()
@@ -181,7 +180,7 @@ class DeploymentService:
             if not error.conflict:
                 raise
 
-    async def _write_port_map(self, body: Mapping[str, Any], pods: list[Body]) -> None:
+    async def _write_port_map(self, body: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> None:
         desired = port_map_body(body, pods)
         meta = desired["metadata"]
         url = kube.path("configmaps", namespace=meta["namespace"], name=meta["name"])
@@ -204,7 +203,7 @@ class DeploymentService:
         self,
         body: Mapping[str, Any],
         counts: list[RoleCounts],
-        live: list[Body],
+        live: list[Mapping[str, Any]],
         problems: list[str],
         generation: int,
     ) -> None:
@@ -287,7 +286,7 @@ class DeploymentService:
                 raise
 
 
-def _summary(pods: list[Body]) -> str:
+def _summary(pods: list[Mapping[str, Any]]) -> str:
     """``node-a: 20000-20011, node-b: 20000-20003`` — the span each node uses."""
     spans: dict[str, list[int]] = {}
     for pod in pods:

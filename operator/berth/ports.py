@@ -22,7 +22,7 @@ from berth.api.presets import PresetError
 from berth.kube import Kube, KubeError
 from berth.ledger.ledgers import Allocation, LedgerBusy, Ledgers
 from berth.ledger.records import Holder
-from berth.names import ANNOTATION_PORTS, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
+from berth.names import ANNOTATION_PORTS, LABEL_DEPLOYMENT, LABEL_ROLE
 from berth.plan import PlanError, PortPlan
 from berth.workload import encode_ports, pod_ports_configmap_body
 
@@ -197,13 +197,6 @@ class PortService:
                     self.on_change(holder.namespace, holder.deployment)
         metrics.RECLAIMED.inc(reclaimed)
         return reclaimed
-
-    async def list_live_pods(self) -> set[str]:
-        """UIDs of the Berth pods that may still use their ports."""
-        pods = self.client.iterate(
-            kube.path("pods"), label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-        )
-        return {p["metadata"]["uid"] async for p in pods if not is_terminated(p)}
 
     async def _current_pod(self, holder: Holder) -> Body | None:
         pod = await self.client.get_or_none(

@@ -131,3 +131,23 @@ async def test_a_list_never_overrides_what_an_event_said_meanwhile() -> None:
 
 async def _const(value: dict[str, int]) -> dict[str, int]:
     return value
+
+
+def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
+    cache = ClusterCache(OperatorConfig())
+    labels = {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "llama"}
+    worker = pod("w1", "n1", [{"containerPort": 8000}], host_network=True, labels=labels)
+    worker["metadata"].update(
+        namespace="ml",
+        annotations={"berth.dev/ports": '{"http":"20000"}', "berth.dev/port-plan": "x" * 500},
+    )
+    worker["status"].update(hostIP="10.0.0.1", podIP="10.0.0.1")
+    cache.observe_pod("ADDED", worker)
+    (summary,) = cache.workers("ml", "llama")
+    assert summary["metadata"]["annotations"] == {"berth.dev/ports": '{"http":"20000"}'}
+    assert summary["spec"] == {"nodeName": "n1"}
+    assert summary["status"] == {"phase": "Running", "hostIP": "10.0.0.1", "podIP": "10.0.0.1"}
+    assert cache.workers("ml", "other") == [] and cache.workers("other", "llama") == []
+    assert cache.foreign_ports("n1") == []  # Berth's own ports are in the ledger, not here
+    cache.observe_pod("DELETED", worker)
+    assert cache.workers() == []

@@ -20,6 +20,7 @@ from berth.ports import is_terminated
 async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
     metrics.POD_EVENTS.inc()
+    runtime.cluster.observe_pod(type, body)  # what reconciles read
     pod = dict(body)
     meta = pod["metadata"]
     if type == "DELETED":

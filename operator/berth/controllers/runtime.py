@@ -19,7 +19,7 @@ from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
 from berth.names import GROUP, VERSION
 from berth.pool_status import pool_usage
-from berth.ports import PortService
+from berth.ports import PortService, is_terminated
 
 log = logging.getLogger("berth.runtime")
 PROCESS_STARTED = time.time()
@@ -38,7 +38,7 @@ class Runtime:
     def build(cls, config: OperatorConfig, client: Kube) -> Runtime:
         cluster = ClusterCache(config)
         post_event = EventPoster(client)
-        deployments = DeploymentService(client, post_event)
+        deployments = DeploymentService(client, post_event, workers=cluster.workers)
         ports = PortService(
             client,
             Ledgers(LedgerStore(client, config.namespace)),
@@ -57,8 +57,9 @@ class Runtime:
 
     async def sweep(self) -> int:
         """Reclaim leaks and retry waiting pods; the same at start-up and on the timer."""
-        await self.cluster.resync(self.client, pods=False)
-        reclaimed = await self.ports.reclaim(await self.ports.list_live_pods())
+        await self.cluster.resync(self.client)
+        live = {pod["metadata"]["uid"] for pod in self.cluster.workers() if not is_terminated(pod)}
+        reclaimed = await self.ports.reclaim(live)
         await self.ports.retry_waiting()
         await self.report_pools()
         return reclaimed

@@ -46,7 +46,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     runtime = Runtime.build(config, client)
     # Before any watch starts: allocation must know every pool and every
     # host port already claimed from its first event on.
-    await runtime.cluster.resync(client, pods=True)
+    await runtime.cluster.resync(client, everything=True)
     memo["runtime"] = runtime
     start_http_server(config.metrics_port)
     runtime.start_sweeper()
