@@ -180,10 +180,22 @@ class ClusterCache:
         pools_url = kube.path("nodeportpools", group=GROUP, version=VERSION)
         await self._pools.resync(lambda: listing(pools_url, pool_entry))
         pods_url = kube.path("pods")
-        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-        await self._workers.resync(lambda: listing(pods_url, workers, "uid", selector))
-        if everything:
-            await self._foreign.resync(lambda: listing(pods_url, foreign_claim, "uid"))
+        if not everything:
+            selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+            await self._workers.resync(lambda: listing(pods_url, workers, "uid", selector))
+            return
+        # Start-up: one pass over every pod feeds both views (no watch runs
+        # yet, so no event can race with it).
+        mine: dict[str, dict[str, Any]] = {}
+        others: dict[str, tuple[str, tuple[int, ...]]] = {}
+        async for pod in client.iterate(pods_url):
+            uid = pod["metadata"]["uid"]
+            if is_berths(pod):
+                mine[uid] = worker_summary(pod)
+            elif (claim := foreign_claim(pod)) is not None:
+                others[uid] = claim
+        await self._workers.resync(lambda: _ready(mine))
+        await self._foreign.resync(lambda: _ready(others))
 
     def workers(self, namespace: str | None = None, deployment: str | None = None) -> list[Body]:
         """Berth's worker pods (summaries), optionally of one deployment."""
@@ -218,3 +230,7 @@ class ClusterCache:
             if on == node
             for port in ports
         ]
+
+
+async def _ready(value: Mapping[K, V]) -> Mapping[K, V]:
+    return value

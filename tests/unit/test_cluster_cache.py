@@ -151,3 +151,45 @@ def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
     assert cache.foreign_ports("n1") == []  # Berth's own ports are in the ledger, not here
     cache.observe_pod("DELETED", worker)
     assert cache.workers() == []
+
+
+class Listing:
+    """Collections by path: just what ClusterCache.resync iterates."""
+
+    def __init__(self, **collections: list[Body]) -> None:
+        self.collections = collections
+        self.calls: list[tuple[str, str | None]] = []
+
+    async def iterate(self, url: str, label_selector: str | None = None) -> Any:
+        self.calls.append((url.rsplit("/", 1)[-1], label_selector))
+        for item in self.collections[url.rsplit("/", 1)[-1]]:
+            if (
+                label_selector is None
+                or item["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by")
+                == label_selector.split("=")[1]
+            ):
+                yield item
+
+
+async def test_start_up_fills_every_view_with_one_pass_over_pods() -> None:
+    labels = {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "llama"}
+    worker = pod("w1", "g1", labels=labels)
+    worker["metadata"]["namespace"] = "ml"
+    other = pod("o1", "g1", [{"containerPort": 1, "hostPort": 21000}])
+    client = Listing(
+        nodes=[node("g1", {"gpu": "yes"})],
+        nodeportpools=[pool("gpu", 21000, 21999)],
+        pods=[worker, other],
+    )
+    cache = ClusterCache(OperatorConfig())
+    await cache.resync(client, everything=True)  # type: ignore[arg-type]
+    assert cache.pool_for("g1").name == "gpu"
+    assert [w["metadata"]["uid"] for w in cache.workers("ml", "llama")] == ["w1"]
+    assert cache.foreign_ports("g1") == [PortRange(21000, 21000)]
+    assert [c for c in client.calls if c[0] == "pods"] == [("pods", None)]
+    # A sweep re-lists only Berth's pods; the worker is gone by then.
+    client.collections["pods"] = [other]
+    await cache.resync(client)  # type: ignore[arg-type]
+    assert cache.workers() == []
+    assert client.calls[-1] == ("pods", "app.kubernetes.io/managed-by=berth")
+    assert cache.foreign_ports("g1") == [PortRange(21000, 21000)]
