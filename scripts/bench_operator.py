@@ -194,6 +194,9 @@ def prepare_cluster(kubeconfig: str) -> list[str]:
     return kwok or [n.metadata.name for n in items]
 
 
+LE_SHOWN = ("0.01", "0.03", "0.15", "1.0")
+
+
 def handler_shares(before: dict[str, float], after: dict[str, float]) -> str:
     """The operator's own view: handler start to annotation written, per bucket."""
 
@@ -203,9 +206,6 @@ def handler_shares(before: dict[str, float], after: dict[str, float]) -> str:
 
     total = count("+Inf") or 1.0
     return "  ".join(f"<= {float(le) * 1000:.0f} ms {count(le) / total:.0%}" for le in LE_SHOWN)
-
-
-LE_SHOWN = ("0.01", "0.03", "0.15", "1.0")
 
 
 def measure_allocation(

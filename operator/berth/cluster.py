@@ -31,6 +31,7 @@ from berth.names import (
     MANAGED_BY,
     VERSION,
 )
+from berth.ports import is_terminated
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -70,6 +71,10 @@ class SnapshotCache(Generic[K, V]):
             if key not in touched:
                 self._items[key] = value
 
+    def replace(self, items: Mapping[K, V]) -> None:
+        """Take a LIST as it is, when no event can have raced with it."""
+        self._items = dict(items)
+
     def get(self, key: K) -> V | None:
         return self._items.get(key)
 
@@ -102,8 +107,7 @@ def foreign_claim(pod: Body) -> tuple[str, tuple[int, ...]] | None:
     spec = pod.get("spec") or {}
     labels = pod["metadata"].get("labels") or {}
     node = spec.get("nodeName")
-    finished = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-    if labels.get(LABEL_MANAGED_BY) == MANAGED_BY or not node or finished:
+    if labels.get(LABEL_MANAGED_BY) == MANAGED_BY or not node or is_terminated(pod):
         return None
     ports = {
         port.get("hostPort") or port["containerPort"]
@@ -194,8 +198,8 @@ class ClusterCache:
                 mine[uid] = worker_summary(pod)
             elif (claim := foreign_claim(pod)) is not None:
                 others[uid] = claim
-        await self._workers.resync(lambda: _ready(mine))
-        await self._foreign.resync(lambda: _ready(others))
+        self._workers.replace(mine)
+        self._foreign.replace(others)
 
     def workers(self, namespace: str | None = None, deployment: str | None = None) -> list[Body]:
         """Berth's worker pods (summaries), optionally of one deployment."""
@@ -230,7 +234,3 @@ class ClusterCache:
             if on == node
             for port in ports
         ]
-
-
-async def _ready(value: Mapping[K, V]) -> Mapping[K, V]:
-    return value

@@ -10,8 +10,9 @@ from typing import Any
 
 import kopf
 
+from berth.cluster import is_berths
 from berth.controllers.runtime import Runtime
-from berth.names import GROUP, LABEL_MANAGED_BY, MANAGED_BY
+from berth.names import GROUP
 
 
 @kopf.on.event("nodes")
@@ -26,8 +27,8 @@ def pool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> 
     runtime.cluster.observe_pool(type, body)
 
 
-def _not_berths(labels: kopf.Labels, **_: Any) -> bool:
-    return labels.get(LABEL_MANAGED_BY) != MANAGED_BY
+def _not_berths(body: kopf.Body, **_: Any) -> bool:
+    return not is_berths(body)
 
 
 @kopf.on.event("pods", when=_not_berths)

@@ -55,9 +55,14 @@ class Runtime:
     def start_sweeper(self) -> None:
         self.background.append(asyncio.create_task(self._sweep_forever()))
 
-    async def sweep(self) -> int:
-        """Reclaim leaks and retry waiting pods; the same at start-up and on the timer."""
-        await self.cluster.resync(self.client)
+    async def sweep(self, relist: bool = True) -> int:
+        """Reclaim leaks and retry waiting pods; the same at start-up and on the timer.
+
+        ``relist=False`` trusts the cluster view as it is: right after start-up
+        filled it, listing again would only repeat the same LISTs.
+        """
+        if relist:
+            await self.cluster.resync(self.client)
         live = {pod["metadata"]["uid"] for pod in self.cluster.workers() if not is_terminated(pod)}
         reclaimed = await self.ports.reclaim(live)
         await self.ports.retry_waiting()
@@ -88,7 +93,7 @@ class Runtime:
         first = True
         while True:
             try:
-                reclaimed = await self.sweep()
+                reclaimed = await self.sweep(relist=not first)
                 if reclaimed:
                     log.info("sweep reclaimed %d leaked holdings", reclaimed)
                 if first:
