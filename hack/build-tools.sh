@@ -37,7 +37,7 @@ wrapper_module() {
 
 build_kubernetes() {
   local out="$BIN/kubernetes-$K8S_VERSION"
-  local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
   local missing=0
   for t in "${tools[@]}"; do [ -x "$out/$t" ] || missing=1; done
   [ "$missing" = 0 ] && { log "kubernetes $K8S_VERSION cached"; return; }

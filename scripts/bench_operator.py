@@ -38,17 +38,21 @@ from kubernetes import client, config, watch  # noqa: E402
 from tests.support.operator_process import OperatorProcess, free_port, wait_for  # noqa: E402
 from urllib3.exceptions import ProtocolError  # noqa: E402
 
-from berth.api.presets import EnvBinding, ResolvedBlock, ResolvedRole  # noqa: E402
 from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY  # noqa: E402
-from berth.plan import PortPlan  # noqa: E402
+from berth.plan import (  # noqa: E402
+    EnvBinding,
+    PlanBlock,
+    PortPlan,
+    RolePlan,
+)
 
 NAMESPACE = "bench"
 PLAN = PortPlan(
-    ResolvedRole(
+    RolePlan(
         blocks=(
-            ResolvedBlock("http", 1, 1, (EnvBinding("HTTP_PORT", "start"),)),
-            ResolvedBlock("nixl", 8, 1, (EnvBinding("NIXL_PORT", "rankBase", 1),)),
-            ResolvedBlock("internal", 36, 1, (EnvBinding("VLLM_PORT", "start"),)),
+            PlanBlock("http", 1, 1, (EnvBinding("HTTP_PORT", "start"),)),
+            PlanBlock("nixl", 8, 1, (EnvBinding("NIXL_PORT", "rankBase", 1),)),
+            PlanBlock("internal", 36, 1, (EnvBinding("VLLM_PORT", "start"),)),
         )
     ),
     0,

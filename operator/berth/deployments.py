@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from berth import kube
 from berth.api import InferenceDeployment
-from berth.api.presets import PresetError, first_global_rank, resolve_role
 from berth.coalesce import Coalescer
+from berth.engines import PresetError, resolve_role
 from berth.kube import Kube, KubeError
 from berth.names import (
     ANNOTATION_PORTS,
@@ -28,7 +28,7 @@ from berth.names import (
     VERSION,
     pod_name,
 )
-from berth.plan import PortPlan
+from berth.plan import PortPlan, first_global_rank
 from berth.ports import EventSink, Waiting, is_terminated
 from berth.workload import port_map_body, worker_pod
 

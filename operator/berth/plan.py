@@ -1,40 +1,116 @@
-"""A pod's port plan: the blocks it needs, frozen into the pod at creation.
+"""A pod's port plan: the blocks it needs and how each block reaches the engine.
 
-The plan travels in an annotation so that allocation depends only on the pod
-itself: editing the InferenceDeployment later never changes what a running
-pod was promised (I3), and a restarted operator needs nothing else.
+An engine preset (berth.engines) turns a role into a :class:`RolePlan`; a
+pod's :class:`PortPlan` adds the first data-parallel rank it holds. The plan
+is frozen into the pod at creation (annotation ``berth.dev/port-plan``), so
+allocation depends only on the pod and editing the InferenceDeployment never
+changes what a running pod was promised (I3 in docs/design.md).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from berth.allocator import Assignment, BlockRequest
-from berth.api.presets import EnvBinding, ResolvedBlock, ResolvedRole, port_env
+from berth.allocator.ranges import PortRange
+from berth.api import RoleSpec
 from berth.names import ANNOTATION_PORT_PLAN
+
+EnvValue = Literal["start", "rankBase"]
 
 
 class PlanError(ValueError):
-    """The pod's plan annotation is missing or unreadable."""
+    """A plan that cannot be read, or whose ports cannot be turned into env."""
+
+
+@dataclass(frozen=True)
+class EnvBinding:
+    """An env var carrying a block's port: its first port, or the rank base.
+
+    ``value == "rankBase"`` yields ``blockStart - firstGlobalRank * ports_per_rank``:
+    engines add the *global* DP rank to a base port, so a pod holding ranks
+    ``s..`` must get a base that lands rank ``s`` on its block's first port.
+    """
+
+    name: str
+    value: EnvValue
+    ports_per_rank: int = 0
+
+    def port(self, span: PortRange, first_rank: int) -> int:
+        if self.value == "start":
+            return span.start
+        return span.start - first_rank * self.ports_per_rank
+
+
+@dataclass(frozen=True)
+class PlanBlock:
+    """A block a pod needs: ``size`` contiguous ports, first one a multiple of ``align``."""
+
+    name: str
+    size: int
+    align: int = 1
+    env: tuple[EnvBinding, ...] = ()
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    """The port side of every pod of one role: blocks, bind-address and fixed env."""
+
+    blocks: tuple[PlanBlock, ...]
+    #: Env vars that get the pod's own IP from the downward API.
+    bind_address_env: tuple[str, ...] = ()
+    #: Fixed env vars the preset needs.
+    static_env: dict[str, str] = field(default_factory=dict)
+    #: Informational (not frozen into pods, so not compared): the preset and
+    #: the rule set applied, e.g. ``>=0.11.1``.
+    preset: str = field(default="custom", compare=False)
+    rules: str = field(default="", compare=False)
+
+
+def first_global_rank(role: RoleSpec, pod_index: int) -> int:
+    """The first global DP rank pod ``pod_index`` of the role holds."""
+    if pod_index < 0:
+        raise ValueError(f"pod index must be >= 0, not {pod_index}")
+    return (pod_index % role.pods_per_group) * role.dp_local
 
 
 @dataclass(frozen=True)
 class PortPlan:
-    role: ResolvedRole
+    """One pod's plan: its role's blocks plus the first DP rank it holds."""
+
+    role: RolePlan
     first_rank: int
 
     def requests(self) -> list[BlockRequest]:
         return [BlockRequest(b.name, b.size, b.align) for b in self.role.blocks]
 
-    def env(self, assignment: Assignment) -> dict[str, str]:
-        """Env var name -> value, as the per-pod ConfigMap carries them."""
-        return port_env(self.role, assignment.blocks, self.first_rank)
-
     def env_names(self) -> list[str]:
         return [binding.name for block in self.role.blocks for binding in block.env]
+
+    def env(self, assignment: Assignment) -> dict[str, str]:
+        """Env var name -> port (as text), as the per-pod ConfigMap carries them."""
+        env: dict[str, str] = {}
+        for block in self.role.blocks:
+            span = assignment.blocks.get(block.name)
+            if span is None:
+                raise PlanError(f"no ports assigned for block {block.name!r}")
+            if span.size < block.size:
+                raise PlanError(
+                    f"block {block.name!r} needs {block.size} ports, got {span} ({span.size})"
+                )
+            for binding in block.env:
+                port = binding.port(span, self.first_rank)
+                if port < 1:
+                    raise PlanError(
+                        f"{binding.name}: rank base {span.start} - {self.first_rank} x "
+                        f"{binding.ports_per_rank} = {port} is not a port; give the node a "
+                        "pool with higher ports or size the block perGlobalDataParallelRank"
+                    )
+                env[binding.name] = str(port)
+        return env
 
     def encode(self) -> str:
         blocks = [
@@ -53,7 +129,7 @@ class PortPlan:
         try:
             data: dict[str, Any] = json.loads(text)
             blocks = tuple(
-                ResolvedBlock(
+                PlanBlock(
                     name=b["name"],
                     size=int(b["size"]),
                     align=int(b["align"]),
@@ -61,7 +137,7 @@ class PortPlan:
                 )
                 for b in data["blocks"]
             )
-            return cls(ResolvedRole(blocks=blocks), int(data["firstRank"]))
+            return cls(RolePlan(blocks=blocks), int(data["firstRank"]))
         except (ValueError, KeyError, TypeError) as error:
             raise PlanError(f"unreadable {ANNOTATION_PORT_PLAN} annotation: {error}") from error
 

@@ -18,7 +18,6 @@ from berth import audit, kube, metrics
 from berth.allocator import PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.api.pools import PoolConfig
-from berth.api.presets import PresetError
 from berth.kube import Kube, KubeError
 from berth.ledger.ledgers import Allocation, LedgerBusy, Ledgers
 from berth.ledger.records import Holder
@@ -136,7 +135,7 @@ class PortService:
         if encoded not in (mirrored, self.delivered.get(holder.uid)):
             try:
                 env = plan.env(assignment)
-            except PresetError as error:  # e.g. a rank base that would fall below port 1
+            except PlanError as error:  # e.g. a rank base that would fall below port 1
                 self._warn(pod, "InvalidPortPlan", str(error))
                 return None
             # ConfigMap first, annotation last: the annotation says "delivered".

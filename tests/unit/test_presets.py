@@ -11,19 +11,16 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
 from berth.api import InferenceDeployment, InferenceDeploymentSpec, RoleSpec
-from berth.api.presets import (
-    PRESETS,
-    EnvBinding,
-    PresetError,
-    ResolvedBlock,
-    ResolvedRole,
-    first_global_rank,
-    parse_version,
-    port_env,
-    resolve_role,
-)
+from berth.engines import PRESETS, PresetError, parse_version, resolve_role
+from berth.plan import EnvBinding, PlanBlock, PlanError, PortPlan, RolePlan, first_global_rank
+
+
+def port_env(role: RolePlan, blocks: dict[str, PortRange], first_rank: int) -> dict[str, str]:
+    """What the per-pod ConfigMap of a pod with these blocks carries."""
+    return PortPlan(role, first_rank).env(Assignment("pod", blocks))
 
 
 def spec(
@@ -50,16 +47,16 @@ def spec(
     return InferenceDeploymentSpec.model_validate(body)
 
 
-def resolve(preset: str = "vllm", version: str | None = None, **kw: Any) -> ResolvedRole:
+def resolve(preset: str = "vllm", version: str | None = None, **kw: Any) -> RolePlan:
     s = spec(preset, version, **kw)
     return resolve_role(s, s.roles[0])
 
 
-def blocks(role: ResolvedRole) -> dict[str, ResolvedBlock]:
+def blocks(role: RolePlan) -> dict[str, PlanBlock]:
     return {b.name: b for b in role.blocks}
 
 
-def env(role: ResolvedRole) -> dict[str, tuple[str, str, int]]:
+def env(role: RolePlan) -> dict[str, tuple[str, str, int]]:
     return {e.name: (b.name, e.value, e.ports_per_rank) for b in role.blocks for e in b.env}
 
 
@@ -186,8 +183,8 @@ def test_custom_has_no_blocks_but_takes_explicit_ones() -> None:
         tensorParallelSize=4,
     )
     assert role.blocks == (
-        ResolvedBlock("api", 1, 1, (EnvBinding("API_PORT", "start", 0),)),
-        ResolvedBlock("agents", 8, 8, (EnvBinding("TRTLLM_NIXL_PORT", "rankBase", 2),)),
+        PlanBlock("api", 1, 1, (EnvBinding("API_PORT", "start", 0),)),
+        PlanBlock("agents", 8, 8, (EnvBinding("TRTLLM_NIXL_PORT", "rankBase", 2),)),
     )
 
 
@@ -350,12 +347,12 @@ def test_port_env_worked_example() -> None:
 
 
 def test_port_env_errors() -> None:
-    role = ResolvedRole(blocks=(ResolvedBlock("nixl", 2, 1, (EnvBinding("N", "rankBase", 2),)),))
-    with pytest.raises(PresetError, match="no ports assigned for block 'nixl'"):
+    role = RolePlan(blocks=(PlanBlock("nixl", 2, 1, (EnvBinding("N", "rankBase", 2),)),))
+    with pytest.raises(PlanError, match="no ports assigned for block 'nixl'"):
         port_env(role, {}, 0)
-    with pytest.raises(PresetError, match="needs 2 ports"):
+    with pytest.raises(PlanError, match="needs 2 ports"):
         port_env(role, {"nixl": PortRange(100, 100)}, 0)
-    with pytest.raises(PresetError, match="is not a port"):
+    with pytest.raises(PlanError, match="is not a port"):
         port_env(role, {"nixl": PortRange(5, 6)}, 3)
     assert port_env(role, {"nixl": PortRange(10, 11)}, 3) == {"N": "4"}
 
@@ -454,7 +451,7 @@ def test_a_second_pod_on_the_node_gets_disjoint_ports() -> None:
     nixl = blocks(role)["nixl"]
     pod0 = {"nixl": PortRange(20000, 20001)}
     pod1 = {"nixl": PortRange(20002, 20003)}
-    only_nixl = ResolvedRole(blocks=(nixl,))
+    only_nixl = RolePlan(blocks=(nixl,))
     base0 = int(
         port_env(only_nixl, pod0, first_global_rank(s.roles[0], 0))["VLLM_NIXL_SIDE_CHANNEL_PORT"]
     )

@@ -10,9 +10,9 @@ import pytest
 from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
 from berth.api import InferenceDeployment
-from berth.api.presets import first_global_rank, resolve_role
+from berth.engines import resolve_role
 from berth.names import ANNOTATION_PORT_PLAN, ANNOTATION_PORTS, LABEL_DEPLOYMENT
-from berth.plan import PlanError, PortPlan
+from berth.plan import PlanError, PortPlan, first_global_rank
 from berth.workload import pod_ports_configmap_body, port_map_body, worker_pod
 
 

@@ -6,6 +6,7 @@ these models; ``--check`` fails when the committed YAML drifts.
 
 from berth.api.common import API_VERSION, GROUP, VERSION
 from berth.api.deployment import (
+    MAX_BLOCK_SIZE,
     Condition,
     Container,
     EngineSpec,
@@ -32,6 +33,7 @@ from berth.api.nodeportpool import (
 __all__ = [
     "API_VERSION",
     "GROUP",
+    "MAX_BLOCK_SIZE",
     "VERSION",
     "Condition",
     "Container",
