@@ -22,3 +22,7 @@ POD_EVENTS = Counter("berth_pod_events_total", "Watch events of Berth pods handl
 STARTUP_SWEEP_SECONDS = Gauge(
     "berth_startup_sweep_seconds", "From process start to the first leak sweep finished"
 )
+LEDGER_CONFLICTS = Counter(
+    "berth_ledger_conflicts_total",
+    "Ledger writes refused by compare-and-swap (another writer got there first) and redone",
+)

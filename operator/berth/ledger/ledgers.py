@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from berth import metrics
 from berth.allocator import AllocationConflict, Assignment, BlockRequest, PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.api.pools import PoolConfig
@@ -185,6 +186,7 @@ class Ledgers:
                     if dirty:
                         await self._store.save(ledger, node_uid)
                 except LedgerConflict:
+                    metrics.LEDGER_CONFLICTS.inc()
                     self._cache.pop(node, None)  # re-read and recompute every change
                     continue
                 return
