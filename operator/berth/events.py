@@ -12,13 +12,21 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from berth import kube
 from berth.kube import Kube, KubeError
 
 log = logging.getLogger("berth.events")
 COMPONENT = "berth"
+
+
+class EventSink(Protocol):
+    """Posts an Event about ``body``; never fails its caller."""
+
+    def __call__(
+        self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+    ) -> None: ...
 
 
 class EventPoster:
@@ -62,6 +70,3 @@ class EventPoster:
             log.info(
                 "event %s for %s/%s not posted: %s", reason, meta["namespace"], meta["name"], error
             )
-
-    async def close(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -16,7 +16,6 @@ LABEL_INDEX = f"{GROUP}/index"
 LABEL_LEDGER = f"{GROUP}/ledger"
 ANNOTATION_PORT_PLAN = f"{GROUP}/port-plan"
 ANNOTATION_PORTS = f"{GROUP}/ports"
-ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
 ANNOTATION_LEDGER_NODE = f"{GROUP}/node"
 
 FINALIZER = f"{GROUP}/finalizer"

@@ -21,11 +21,11 @@ from berth.ledger.store import LedgerStore
 def render_table(ledgers: Sequence[NodeLedger]) -> str:
     lines = []
     for ledger in sorted(ledgers, key=lambda ledger: ledger.node):
-        pool = ledger.pool
+        allocator = ledger.allocator
         lines.append(
-            f"{ledger.node}  pool={ledger.pool_config.name} "
-            f"[{','.join(map(str, ledger.pool_config.ranges))}]  "
-            f"used={pool.size - pool.free}/{pool.size}"
+            f"{ledger.node}  pool={ledger.pool.name} "
+            f"[{','.join(map(str, ledger.pool.ranges))}]  "
+            f"used={allocator.size - allocator.free}/{allocator.size}"
         )
         for holder, assignment in ledger.held():
             blocks = " ".join(f"{name}={rng}" for name, rng in assignment.blocks.items())
@@ -37,8 +37,8 @@ def render_table(ledgers: Sequence[NodeLedger]) -> str:
 def render_json(ledgers: Sequence[NodeLedger]) -> str:
     out = {
         ledger.node: {
-            "pool": ledger.pool_config.name,
-            "ranges": [str(r) for r in ledger.pool_config.ranges],
+            "pool": ledger.pool.name,
+            "ranges": [str(r) for r in ledger.pool.ranges],
             "pods": [
                 {
                     "namespace": h.namespace,

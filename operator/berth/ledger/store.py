@@ -8,20 +8,35 @@ does with its bitmap object.
 
 from __future__ import annotations
 
+import logging
+
 from berth import kube
+from berth.allocator import AllocationConflict
 from berth.kube import Kube, KubeError
 from berth.ledger.records import NodeLedger
 from berth.names import (
     ANNOTATION_LEDGER_NODE,
     LABEL_LEDGER,
     LABEL_MANAGED_BY,
+    LEDGER_PREFIX,
     MANAGED_BY,
     ledger_configmap,
 )
+from berth.pools import Pool
+
+log = logging.getLogger("berth.ledger")
 
 
 class LedgerConflict(Exception):
     """Someone else wrote the ledger since we read it: re-read and retry."""
+
+
+class LedgerNotOwned(Exception):
+    """The ledger's name is taken by a ConfigMap Berth did not write."""
+
+
+#: The pool of a ledger that could not be read: allocation reconfigures it.
+UNKNOWN_POOL = Pool("unknown", ())
 
 
 class LedgerStore:
@@ -35,7 +50,15 @@ class LedgerStore:
 
     async def load(self, node: str) -> NodeLedger | None:
         body = await self._client.get_or_none(self._url(node))
-        return None if body is None else _decode(body)
+        if body is None:
+            return None
+        labels = body["metadata"].get("labels") or {}
+        if labels.get(LABEL_MANAGED_BY) != MANAGED_BY:
+            raise LedgerNotOwned(
+                f"ConfigMap {self._namespace}/{ledger_configmap(node)} exists and Berth did not "
+                "write it: Berth allocates nothing on that node until it is deleted or renamed"
+            )
+        return _decode(body)
 
     async def list(self) -> list[NodeLedger]:
         bodies = await self._client.list(self._url(), label_selector=f"{LABEL_LEDGER}=true")
@@ -70,23 +93,25 @@ class LedgerStore:
         ledger.resource_version = saved["metadata"]["resourceVersion"]
         ledger.node_uid = node_uid
 
-    async def delete(self, ledger: NodeLedger) -> None:
-        """Delete only the version we saw (a precondition, as for writes)."""
-        precondition = {"preconditions": {"resourceVersion": ledger.resource_version}}
-        try:
-            await self._client.delete(self._url(ledger.node), precondition)
-        except KubeError as error:
-            if error.conflict:
-                raise LedgerConflict(str(error)) from error
-            raise
-
 
 def _decode(body: kube.Body) -> NodeLedger:
+    """The ledger in ``body``; one that does not parse comes back empty, keeping
+    its resourceVersion so the next CAS write replaces it with the repaired one."""
     metadata = body["metadata"]
-    node = metadata.get("annotations", {}).get(ANNOTATION_LEDGER_NODE) or metadata[
+    node = (metadata.get("annotations") or {}).get(ANNOTATION_LEDGER_NODE) or metadata[
         "name"
-    ].removeprefix("berth-ledger.")
-    ledger = NodeLedger.decode(node, body.get("data") or {}, metadata["resourceVersion"])
-    owners = [o for o in metadata.get("ownerReferences", []) if o.get("kind") == "Node"]
+    ].removeprefix(LEDGER_PREFIX)
+    version = metadata["resourceVersion"]
+    try:
+        ledger = NodeLedger.decode(node, body.get("data") or {}, version)
+    except (ValueError, KeyError, AllocationConflict) as error:
+        log.error(
+            "ledger of node %s is unreadable (%s); it is rebuilt from the pods' delivered ports",
+            node,
+            error,
+        )
+        ledger = NodeLedger.empty(node, UNKNOWN_POOL)
+        ledger.resource_version = version
+    owners = [o for o in metadata.get("ownerReferences") or () if o.get("kind") == "Node"]
     ledger.node_uid = owners[0]["uid"] if owners else None
     return ledger

@@ -1,9 +1,8 @@
-"""Pure builders for the objects Berth writes: worker pods and their ConfigMaps."""
+"""Pure builders of the objects Berth writes: worker pods, per-pod and port-map ConfigMaps."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,7 +11,6 @@ from berth.allocator import Assignment
 from berth.names import (
     ANNOTATION_PORT_PLAN,
     ANNOTATION_PORTS,
-    ANNOTATION_TEMPLATE_HASH,
     API_VERSION,
     LABEL_DEPLOYMENT,
     LABEL_INDEX,
@@ -24,6 +22,7 @@ from berth.names import (
     port_map_configmap,
 )
 from berth.plan import PortPlan
+from berth.pods import delivered_ports, encode_ports
 
 Body = dict[str, Any]
 
@@ -37,11 +36,6 @@ def owner_reference(body: Mapping[str, Any]) -> Body:
         "uid": meta["uid"],
         "controller": True,
     }
-
-
-def template_hash(template: Mapping[str, Any]) -> str:
-    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def worker_pod(
@@ -94,7 +88,6 @@ def worker_pod(
     annotations = {
         **tmeta.get("annotations", {}),
         ANNOTATION_PORT_PLAN: plan.encode(),
-        ANNOTATION_TEMPLATE_HASH: template_hash(template),
     }
     return {
         "apiVersion": "v1",
@@ -110,14 +103,15 @@ def worker_pod(
     }
 
 
-def encode_ports(assignment: Assignment) -> str:
-    """The pod annotation mirroring its ports: ``{"http":"20000",...}``."""
-    return json.dumps(
-        {name: str(rng) for name, rng in assignment.blocks.items()}, separators=(",", ":")
-    )
+def pod_ports_configmap_body(
+    pod: Mapping[str, Any], env: Mapping[str, str], assignment: Assignment
+) -> Body:
+    """The ConfigMap the pod's port env vars resolve from.
 
-
-def pod_ports_configmap_body(pod: Mapping[str, Any], env: Mapping[str, str]) -> Body:
+    It also carries the assignment itself (annotation ``berth.dev/ports``):
+    the kubelet starts the containers as soon as this object exists, so it is
+    the first witness of a delivery, before the pod's own annotation.
+    """
     meta = pod["metadata"]
     return {
         "apiVersion": "v1",
@@ -129,6 +123,7 @@ def pod_ports_configmap_body(pod: Mapping[str, Any], env: Mapping[str, str]) -> 
                 LABEL_MANAGED_BY: MANAGED_BY,
                 LABEL_DEPLOYMENT: meta.get("labels", {}).get(LABEL_DEPLOYMENT, ""),
             },
+            "annotations": {ANNOTATION_PORTS: encode_ports(assignment)},
             # Owned by the pod: the garbage collector removes it with the pod.
             "ownerReferences": [
                 {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
@@ -141,15 +136,15 @@ def pod_ports_configmap_body(pod: Mapping[str, Any], env: Mapping[str, str]) -> 
 def worker_entry(pod: Mapping[str, Any]) -> Body | None:
     """One worker's line in the deployment's port map, once it has ports."""
     meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
-    ports = meta.get("annotations", {}).get(ANNOTATION_PORTS)
-    if not ports:
+    ports = delivered_ports(pod)
+    if ports is None:
         return None
     return {
         "role": meta.get("labels", {}).get(LABEL_ROLE, ""),
         "node": spec.get("nodeName", ""),
         "hostIP": status.get("hostIP", ""),
         "podIP": status.get("podIP", ""),
-        "ports": json.loads(ports),
+        "ports": {name: str(span) for name, span in ports.items()},
     }
 
 
