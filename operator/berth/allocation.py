@@ -21,14 +21,21 @@ from berth import audit, kube, metrics
 from berth.allocator import Assignment, PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.events import EventSink
-from berth.kube import Kube, KubeError
+from berth.kube import KubeApi, KubeError
 from berth.ledger.ledgers import Allocation, LedgerBusy, Ledgers
 from berth.ledger.records import Held, Holder, Repair
 from berth.ledger.store import LedgerNotOwned
 from berth.manifests import pod_ports_configmap_body
 from berth.names import ANNOTATION_PORTS
 from berth.plan import PlanError, PortPlan
-from berth.pods import decode_ports, delivered_ports, encode_ports, holder_of
+from berth.pods import (
+    decode_ports,
+    delivered_ports,
+    encode_ports,
+    holder_of,
+    is_managed,
+    owned_by,
+)
 from berth.pools import Pool
 
 Body = dict[str, Any]
@@ -41,7 +48,7 @@ class NodeView(Protocol):
     def pool_for(self, node: str) -> Pool: ...
     def node_uid(self, node: str) -> str | None: ...
     def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
-    def delivered_on(self, node: str) -> list[Held]: ...
+    def live_on(self, node: str) -> list[Mapping[str, Any]]: ...
 
 
 @dataclass
@@ -59,7 +66,7 @@ class NameTaken(Exception):
 
 @dataclass
 class AllocationService:
-    client: Kube
+    client: KubeApi
     ledgers: Ledgers
     view: NodeView
     post_event: EventSink
@@ -78,10 +85,18 @@ class AllocationService:
         ]
 
     def delivered_on(self, node: str) -> list[Held]:
-        """Every assignment live pods on ``node`` were delivered, as far as known."""
-        known = {holder.uid: (holder, a) for holder, a in self.view.delivered_on(node)}
-        known.update(self._delivered.get(node, {}))
-        return list(known.values())
+        """Every assignment live pods on ``node`` were delivered, as far as known:
+        their annotations, or what this process delivered before their event came."""
+        mine = self._delivered.get(node, {})
+        known = []
+        for pod in self.view.live_on(node):
+            holder = holder_of(pod)
+            blocks = delivered_ports(pod)
+            if blocks is not None:
+                known.append((holder, Assignment(holder.uid, blocks)))
+            elif holder.uid in mine:
+                known.append(mine[holder.uid])
+        return known
 
     async def ensure_allocated(self, pod: Mapping[str, Any]) -> Allocation | None:
         """Give a bound pod its ports (once), and make sure they reached it."""
@@ -245,18 +260,21 @@ class AllocationService:
         if current is None:
             await self.client.create(collection, body)
             return None
-        if not owned_by(current, pod["metadata"]["uid"]):
+        if not is_managed(current):
             raise NameTaken(
-                f"ConfigMap {meta['namespace']}/{meta['name']} exists and does not belong to "
-                "this pod: delete or rename it, and the pod gets its ports"
+                f"ConfigMap {meta['namespace']}/{meta['name']} exists and is not Berth's: "
+                "delete or rename it, and the pod gets its ports"
             )
-        text = (current["metadata"].get("annotations") or {}).get(ANNOTATION_PORTS)
-        try:
-            earlier = decode_ports(text) if text else None
-        except ValueError:
-            earlier = None
-        if earlier is not None and earlier != assignment.blocks:
-            return earlier
+        if owned_by(current, pod["metadata"]["uid"]):
+            text = (current["metadata"].get("annotations") or {}).get(ANNOTATION_PORTS)
+            try:
+                earlier = decode_ports(text) if text else None
+            except ValueError:
+                earlier = None
+            if earlier is not None and earlier != assignment.blocks:
+                return earlier
+        # Else left by an earlier pod of that name, which is gone (names are
+        # unique among live pods): the garbage collector would remove it.
         versioned = {**meta, "resourceVersion": current["metadata"]["resourceVersion"]}
         await self.client.replace(url, {**body, "metadata": versioned})
         return None
@@ -275,11 +293,6 @@ class AllocationService:
     def _warn(self, pod: Mapping[str, Any], reason: str, message: str) -> None:
         log.warning("%s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], message)
         self.post_event(pod, type="Warning", reason=reason, message=message)
-
-
-def owned_by(body: Mapping[str, Any], uid: str) -> bool:
-    """Whether ``body`` names the object with ``uid`` among its owners."""
-    return any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or ())
 
 
 def audit_freed(action: audit.Action, reason: str, node: str, freed: Iterable[Held]) -> None:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from berth import kube
-from berth.kube import Kube, KubeError
+from berth.kube import KubeApi, KubeError
 
 log = logging.getLogger("berth.events")
 COMPONENT = "berth"
@@ -30,7 +30,7 @@ class EventSink(Protocol):
 
 
 class EventPoster:
-    def __init__(self, client: Kube) -> None:
+    def __init__(self, client: KubeApi) -> None:
         self._client = client
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -41,6 +41,16 @@ def is_ready(pod: Body) -> bool:
     )
 
 
+def owned_by(body: Body, uid: str) -> bool:
+    """Whether ``body`` names the object with ``uid`` among its owners."""
+    return any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or ())
+
+
+def is_managed(body: Body) -> bool:
+    """Labelled as written by Berth (pods, ConfigMaps, ledgers)."""
+    return (body["metadata"].get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
+
+
 def node_of(pod: Body) -> str | None:
     return (pod.get("spec") or {}).get("nodeName") or None
 
@@ -133,7 +143,11 @@ def delivered_ports(pod: Body) -> dict[str, PortRange] | None:
 def worker_summary(pod: Body) -> dict[str, Any]:
     """The part of a worker pod reconciles and repairs read: a fraction of its memory."""
     meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
-    kept = {k: meta[k] for k in ("name", "namespace", "uid", "deletionTimestamp") if k in meta}
+    kept = {
+        k: meta[k]
+        for k in ("name", "namespace", "uid", "deletionTimestamp", "ownerReferences")
+        if k in meta
+    }
     ports = (meta.get("annotations") or {}).get(ANNOTATION_PORTS)
     return {
         "metadata": {

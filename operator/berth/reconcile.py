@@ -17,15 +17,22 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from berth import kube
-from berth.api import InferenceDeployment, InferenceDeploymentStatus, RoleStatus
+from berth.api import InferenceDeployment, InferenceDeploymentStatus, RoleSpec, RoleStatus
 from berth.coalesce import Coalescer
 from berth.engines import PresetError, resolve_role
 from berth.events import EventSink
-from berth.kube import Kube, KubeError
+from berth.kube import KubeApi, KubeError
 from berth.manifests import port_map_body, worker_pod
-from berth.names import GROUP, VERSION, pod_name
+from berth.names import GROUP, VERSION, pod_name, pod_ports_configmap
 from berth.plan import PortPlan, first_global_rank
-from berth.pods import delivered_ports, is_ready, is_terminated, node_of
+from berth.pods import (
+    delivered_ports,
+    is_managed,
+    is_ready,
+    is_terminated,
+    node_of,
+    owned_by,
+)
 from berth.status import (
     Observed,
     active_message,
@@ -63,7 +70,7 @@ def deployment_url(namespace: str, name: str | None = None, subresource: str | N
 
 @dataclass
 class Reconciler:
-    client: Kube
+    client: KubeApi
     post_event: EventSink
     #: Berth's worker pods of one deployment, from memory (view.py)
     workers: Workers
@@ -113,38 +120,15 @@ class Reconciler:
         except ValidationError as error:
             await self._degraded(body, previous, "InvalidSpec", _first_error(error), generation)
             return
-        by_name = {p["metadata"]["name"]: p for p in self.workers(namespace, name)}
         observed = Observed(generation, roles=[])
+        pods = self._own_pods(body, observed)
         wanted: set[str] = set()
         for role in deployment.spec.roles:
-            counts = RoleStatus(name=role.name, desired=role.replicas)
-            observed.roles.append(counts)
-            try:
-                role_plan = resolve_role(deployment.spec, role)
-            except PresetError as error:
-                observed.problems.append(f"role {role.name}: {error}")
-                continue
-            template = role.template.model_dump(mode="json", by_alias=True, exclude_none=True)
-            for index in range(role.replicas):
-                pname = pod_name(name, role.name, index)
-                wanted.add(pname)
-                pod = by_name.get(pname)
-                if pod is not None and is_terminated(pod):
-                    # Finished for good: its ports are already released; replace it.
-                    await self._delete_pod(namespace, pname, pod["metadata"]["uid"])
-                    continue
-                if pod is None:
-                    plan = PortPlan(role_plan, first_global_rank(role, index))
-                    manifest = worker_pod(body, role.name, index, template, plan)
-                    if problem := await self._create_pod(manifest):
-                        observed.problems.append(f"pod {pname}: {problem}")
-                    continue
-                counts.ready += is_ready(pod)
-                counts.allocated += delivered_ports(pod) is not None
-        for pname, pod in by_name.items():
+            wanted |= await self._reconcile_role(body, deployment, role, pods, observed)
+        for pname, pod in pods.items():
             if pname not in wanted and not pod["metadata"].get("deletionTimestamp"):
                 await self._delete_pod(namespace, pname, pod["metadata"]["uid"])
-        live = [p for n, p in by_name.items() if n in wanted and not is_terminated(p)]
+        live = [p for n, p in pods.items() if n in wanted and not is_terminated(p)]
         for pod in live:
             node, blocks = node_of(pod), delivered_ports(pod)
             observed.bound += node is not None
@@ -152,22 +136,92 @@ class Reconciler:
                 observed.delivered.append((node, blocks))
         observed.waiting = self.waiting(namespace, name)
         observed.conflicts = self.conflicts(namespace, name)
-        await self._write_port_map(body, live)
+        await self._write_port_map(body, live, observed)
         status = deployment_status(observed, previous)
-        message = degraded_message(observed.problems)
-        if observed.problems and message != active_message(previous, "Degraded"):
-            self.post_event(body, type="Warning", reason="ReconcileError", message=message)
+        message = degraded_message(observed.clashes + observed.problems)
+        if message and message != active_message(previous, "Degraded"):
+            reason = "NameClash" if observed.clashes else "ReconcileError"
+            self.post_event(body, type="Warning", reason=reason, message=message)
         await self._patch_status(body, previous, status)
 
-    async def _create_pod(self, manifest: Body) -> str | None:
-        meta = manifest["metadata"]
+    def _own_pods(
+        self, body: Mapping[str, Any], observed: Observed
+    ) -> dict[str, Mapping[str, Any]]:
+        """The deployment's pods by name; pods with its labels it does not own are clashes."""
+        meta = body["metadata"]
+        pods: dict[str, Mapping[str, Any]] = {}
+        for pod in self.workers(meta["namespace"], meta["name"]):
+            if owned_by(pod, meta["uid"]):
+                pods[pod["metadata"]["name"]] = pod
+            else:
+                observed.clashes.append(
+                    f"pod {pod['metadata']['name']} carries this deployment's labels but is not "
+                    "owned by it: Berth leaves it alone; delete it or remove the labels"
+                )
+        return pods
+
+    async def _reconcile_role(
+        self,
+        body: Mapping[str, Any],
+        deployment: InferenceDeployment,
+        role: RoleSpec,
+        pods: Mapping[str, Mapping[str, Any]],
+        observed: Observed,
+    ) -> set[str]:
+        """Create, replace and count the role's pods; returns the names it wants."""
+        meta = body["metadata"]
+        counts = RoleStatus(name=role.name, desired=role.replicas)
+        observed.roles.append(counts)
         try:
-            await self.client.create(kube.path("pods", namespace=meta["namespace"]), manifest)
+            role_plan = resolve_role(deployment.spec, role)
+        except PresetError as error:
+            observed.problems.append(f"role {role.name}: {error}")
+            return set()
+        template = role.template.model_dump(mode="json", by_alias=True, exclude_none=True)
+        wanted = set()
+        for index in range(role.replicas):
+            pname = pod_name(meta["name"], role.name, index)
+            wanted.add(pname)
+            pod = pods.get(pname)
+            if pod is None:
+                plan = PortPlan(role_plan, first_global_rank(role, index))
+                manifest = worker_pod(body, role.name, index, template, plan)
+                await self._create_pod(manifest, meta["uid"], observed)
+            elif is_terminated(pod):
+                # Finished for good: its ports are already released; replace it.
+                await self._delete_pod(meta["namespace"], pname, pod["metadata"]["uid"])
+            else:
+                counts.ready += is_ready(pod)
+                counts.allocated += delivered_ports(pod) is not None
+        return wanted
+
+    async def _create_pod(self, manifest: Body, owner_uid: str, observed: Observed) -> None:
+        """Create a worker pod unless a name it needs is someone else's."""
+        meta = manifest["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        ports = await self.client.get_or_none(
+            kube.path("configmaps", namespace=namespace, name=pod_ports_configmap(name))
+        )
+        if ports is not None and not is_managed(ports):
+            observed.clashes.append(
+                f"ConfigMap {pod_ports_configmap(name)} exists and is not Berth's, so pod {name} "
+                "could never get its ports: delete or rename the ConfigMap"
+            )
+            return
+        try:
+            await self.client.create(kube.path("pods", namespace=namespace), manifest)
         except KubeError as error:
-            if error.conflict:  # created meanwhile, or still terminating
-                return None
-            return error.message
-        return None
+            if not error.conflict:
+                observed.problems.append(f"pod {name}: {error.message}")
+                return
+            current = await self.client.get_or_none(
+                kube.path("pods", namespace=namespace, name=name)
+            )
+            if current is not None and not owned_by(current, owner_uid):
+                observed.clashes.append(
+                    f"pod {name} exists and is not this deployment's: delete or rename it"
+                )
+            # else created meanwhile, or an earlier one still terminating
 
     async def _delete_pod(self, namespace: str, name: str, uid: str) -> None:
         precondition = {"preconditions": {"uid": uid}}
@@ -180,13 +234,18 @@ class Reconciler:
                 raise
 
     async def _write_port_map(
-        self, body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
+        self, body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], observed: Observed
     ) -> None:
         desired = port_map_body(body, pods)
         meta = desired["metadata"]
         url = kube.path("configmaps", namespace=meta["namespace"], name=meta["name"])
         current = await self.client.get_or_none(url)
-        if current is None:
+        if current is not None and not owned_by(current, body["metadata"]["uid"]):
+            observed.clashes.append(
+                f"ConfigMap {meta['name']} exists and is not this deployment's port map: "
+                "Berth leaves it alone; delete or rename it to get the port map"
+            )
+        elif current is None:
             try:
                 await self.client.create(
                     kube.path("configmaps", namespace=meta["namespace"]), desired

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth import audit, kube, metrics
-from berth.allocation import AllocationService, audit_freed, owned_by
+from berth.allocation import AllocationService, audit_freed
 from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
 from berth.events import EventSink
-from berth.kube import Kube
+from berth.kube import KubeApi
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.records import Held, Holder, NodeLedger
 from berth.names import ANNOTATION_PORTS, GROUP, VERSION, pod_ports_configmap
@@ -34,6 +34,7 @@ from berth.pods import (
     holder_of,
     is_terminated,
     node_of,
+    owned_by,
     pod_reference,
 )
 from berth.pools import pool_usage
@@ -73,7 +74,7 @@ class Conflict:
 
 @dataclass
 class Repairer:
-    client: Kube
+    client: KubeApi
     ledgers: Ledgers
     view: ClusterView
     allocation: AllocationService

@@ -13,7 +13,7 @@ from berth import metrics
 from berth.allocation import AllocationService
 from berth.config import OperatorConfig
 from berth.events import EventPoster
-from berth.kube import Kube
+from berth.kube import KubeApi
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
 from berth.reconcile import Reconciler
@@ -27,7 +27,7 @@ PROCESS_STARTED = time.time()
 @dataclass
 class Runtime:
     config: OperatorConfig
-    client: Kube
+    client: KubeApi
     view: ClusterView
     allocation: AllocationService
     reconciler: Reconciler
@@ -35,7 +35,7 @@ class Runtime:
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: OperatorConfig, client: Kube) -> Runtime:
+    def build(cls, config: OperatorConfig, client: KubeApi) -> Runtime:
         view = ClusterView(config)
         post_event = EventPoster(client)
         ledgers = Ledgers(LedgerStore(client, config.namespace))

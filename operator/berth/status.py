@@ -32,6 +32,8 @@ class Observed:
     #: Port conflicts involving this deployment's pods (docs/design.md, repair).
     conflicts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Objects Berth needs whose names someone else's objects hold.
+    clashes: list[str] = field(default_factory=list)
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> Condition:
@@ -61,7 +63,7 @@ def deployment_status(
     desired = sum(r.desired for r in observed.roles)
     ready = sum(r.ready for r in observed.roles)
     allocated = sum(r.allocated for r in observed.roles)
-    problems, waiting = observed.problems, observed.waiting
+    problems, waiting = observed.clashes + observed.problems, observed.waiting
     if waiting:
         ports_ok, ports_reason = False, "PortsExhausted"
         ports_msg = f"{len(waiting)} pod(s) waiting for ports: {waiting[0]}"
@@ -93,7 +95,9 @@ def deployment_status(
             "; ".join(observed.conflicts)[:MAX_MESSAGE] or "no port held twice",
             generation,
         ),
-        degraded_condition(problems, generation),
+        degraded_condition(
+            problems, generation, "NameClash" if observed.clashes else "ReconcileError"
+        ),
     ]
     by_name = {role.name: f"{role.ready}/{role.desired}" for role in observed.roles}
     return InferenceDeploymentStatus(

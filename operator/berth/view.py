@@ -18,18 +18,14 @@ from typing import Any, Generic, TypeVar
 from pydantic import ValidationError
 
 from berth import kube
-from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
 from berth.api import NodePortPool
 from berth.config import OperatorConfig
-from berth.kube import Kube
-from berth.ledger.records import Held
+from berth.kube import KubeApi
 from berth.names import GROUP, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, VERSION
 from berth.pods import (
     ForeignClaim,
-    delivered_ports,
     foreign_claim,
-    holder_of,
     is_berths,
     is_terminated,
     node_of,
@@ -136,7 +132,7 @@ class ClusterView:
         self._foreign.observe(uid, claim)
         return claim.node if claim is not None and claim != before else None
 
-    async def resync(self, client: Kube, *, everything: bool = False) -> None:
+    async def resync(self, client: KubeApi, *, everything: bool = False) -> None:
         """Re-list nodes, pools and Berth's pods; with ``everything`` (at
         start-up), every pod for the host ports others claim too."""
 
@@ -207,14 +203,6 @@ class ClusterView:
         """Host ports other pods claim on ``node`` (every node: None)."""
         return [claim for claim in self._foreign.values() if node in (None, claim.node)]
 
-    def delivered_on(self, node: str) -> list[Held]:
-        """What live Berth pods on ``node`` were delivered (their annotations)."""
-        held = []
-        for pod in self._workers.values():
-            if node_of(pod) != node or is_terminated(pod):
-                continue
-            blocks = delivered_ports(pod)
-            if blocks is not None:
-                holder = holder_of(pod)
-                held.append((holder, Assignment(holder.uid, blocks)))
-        return held
+    def live_on(self, node: str) -> list[Body]:
+        """Berth's pods bound to ``node`` that are not finished (summaries)."""
+        return [p for p in self._workers.values() if node_of(p) == node and not is_terminated(p)]

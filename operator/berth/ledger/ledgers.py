@@ -12,13 +12,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from berth import metrics
 from berth.allocator import AllocationConflict, Assignment, BlockRequest, PoolExhausted
 from berth.allocator.ranges import PortRange
 from berth.ledger.records import Held, Holder, NodeLedger, Repair
-from berth.ledger.store import LedgerConflict, LedgerStore
+from berth.ledger.store import LedgerConflict
 from berth.pools import Pool
 
 T = TypeVar("T")
@@ -71,8 +71,16 @@ class _Pending:
         self.settled, self.error = True, error
 
 
+class LedgerStorage(Protocol):
+    """Where ledgers persist: ConfigMaps (store.py), or a dict in unit tests."""
+
+    async def load(self, node: str) -> NodeLedger | None: ...
+    async def list(self) -> list[NodeLedger]: ...
+    async def save(self, ledger: NodeLedger, node_uid: str | None = None) -> None: ...
+
+
 class Ledgers:
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: LedgerStorage) -> None:
         self._store = store
         self._cache: dict[str, NodeLedger] = {}
         self._locks: dict[str, asyncio.Lock] = {}

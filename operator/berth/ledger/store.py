@@ -12,7 +12,7 @@ import logging
 
 from berth import kube
 from berth.allocator import AllocationConflict
-from berth.kube import Kube, KubeError
+from berth.kube import KubeApi, KubeError
 from berth.ledger.records import NodeLedger
 from berth.names import (
     ANNOTATION_LEDGER_NODE,
@@ -40,7 +40,7 @@ UNKNOWN_POOL = Pool("unknown", ())
 
 
 class LedgerStore:
-    def __init__(self, client: Kube, namespace: str) -> None:
+    def __init__(self, client: KubeApi, namespace: str) -> None:
         self._client = client
         self._namespace = namespace
 
