@@ -113,24 +113,16 @@ def pod_ports_configmap_body(
     the first witness of a delivery, before the pod's own annotation.
     """
     meta = pod["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": pod_ports_configmap(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {
-                LABEL_MANAGED_BY: MANAGED_BY,
-                LABEL_DEPLOYMENT: meta.get("labels", {}).get(LABEL_DEPLOYMENT, ""),
-            },
-            "annotations": {ANNOTATION_PORTS: encode_ports(assignment)},
-            # Owned by the pod: the garbage collector removes it with the pod.
-            "ownerReferences": [
-                {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
-            ],
-        },
-        "data": dict(env),
-    }
+    body = _configmap(
+        pod,
+        pod_ports_configmap(meta["name"]),
+        meta.get("labels", {}).get(LABEL_DEPLOYMENT, ""),
+        # Owned by the pod: the garbage collector removes it with the pod.
+        {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+        dict(env),
+    )
+    body["metadata"]["annotations"] = {ANNOTATION_PORTS: encode_ports(assignment)}
+    return body
 
 
 def worker_entry(pod: Mapping[str, Any]) -> Body | None:
@@ -156,14 +148,22 @@ def port_map_body(deployment: Mapping[str, Any], pods: Sequence[Mapping[str, Any
         entry = worker_entry(pod)
         if entry is not None:
             data[pod["metadata"]["name"]] = json.dumps(entry, sort_keys=True)
+    name = port_map_configmap(meta["name"])
+    return _configmap(deployment, name, meta["name"], owner_reference(deployment), data)
+
+
+def _configmap(
+    owner: Mapping[str, Any], name: str, deployment: str, reference: Body, data: dict[str, str]
+) -> Body:
+    """A ConfigMap of Berth's beside ``owner``, labelled and owned so Berth knows it is its."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": port_map_configmap(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
-            "ownerReferences": [owner_reference(deployment)],
+            "name": name,
+            "namespace": owner["metadata"]["namespace"],
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: deployment},
+            "ownerReferences": [reference],
         },
         "data": data,
     }
