@@ -51,10 +51,21 @@ def _blocks(since: Version) -> BlockSource:
     return blocks
 
 
+def _warn(role: RoleSpec) -> tuple[str, ...]:
+    notes = vllm.warnings(role)
+    if role.dp_local > 1:
+        notes += (
+            "Dynamo 0.7 builds the KV-events endpoint from DYN_VLLM_KV_EVENT_PORT, one port "
+            "for every DP worker process of the pod: pass --kv-events-config with "
+            "$(BERTH_KV_EVENTS_PORT) (vLLM adds the global DP rank)",
+        )
+    return notes
+
+
 PRESET = Preset(
     "dynamo-vllm",
     tuple(
-        RuleSet(since, _blocks(since), (vllm.NIXL_HOST_ENV,), STATIC_ENV)
+        RuleSet(since, _blocks(since), (vllm.NIXL_HOST_ENV,), STATIC_ENV, vllm.group_env, _warn)
         for since in (OLDEST, vllm.V0_11_1)
     ),
     "the vLLM version inside the Dynamo image,",

@@ -56,6 +56,7 @@ from berth.engines.rules import (
     ruled,
     show_version,
 )
+from berth.plan import GroupEnv
 
 NIXL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 NIXL_PORT_ENV = "VLLM_NIXL_SIDE_CHANNEL_PORT"
@@ -107,6 +108,32 @@ def tail(role: RoleSpec, since: Version, *kv_env: PortEnv) -> list[PortBlock]:
     return blocks
 
 
+def group_env(role: RoleSpec) -> tuple[GroupEnv, ...]:
+    """What every pod of a DP group spanning pods passes to vLLM.
+
+    ``--data-parallel-address $(BERTH_DP_ADDRESS) --data-parallel-rpc-port
+    $(BERTH_DP_LEADER_RPC_PORT) --data-parallel-start-rank $(BERTH_DP_START_RANK)``
+    (vllm/entrypoints/cli/serve.py: followers connect to rank 0's address and port).
+    """
+    if not spans_pods(role):
+        return ()
+    return (
+        GroupEnv("BERTH_DP_ADDRESS", "leaderAddress"),
+        GroupEnv("BERTH_DP_LEADER_RPC_PORT", "leaderBlock", "dp-rpc"),
+        GroupEnv("BERTH_DP_START_RANK", "firstRank"),
+    )
+
+
+def warnings(role: RoleSpec) -> tuple[str, ...]:
+    if role.data_parallel_size == 1:
+        return ()
+    return (
+        "vLLM with data parallelism picks its internal ports (DP master, coordinator, "
+        "torch.distributed) with bind(0) in the ephemeral range: VLLM_PORT would hang "
+        "vLLM 0.10.2-0.17.1 and repeats ports in every release, so Berth leaves it unset",
+    )
+
+
 def _blocks(since: Version) -> BlockSource:
     def blocks(role: RoleSpec) -> list[PortBlock]:
         return [
@@ -121,7 +148,7 @@ def _blocks(since: Version) -> BlockSource:
 PRESET = Preset(
     "vllm",
     tuple(
-        RuleSet(since, _blocks(since), (NIXL_HOST_ENV,))
+        RuleSet(since, _blocks(since), (NIXL_HOST_ENV,), {}, group_env, warnings)
         for since in (V0_9_0, V0_9_1, V0_9_2, V0_11_1)
     ),
     "vLLM",
