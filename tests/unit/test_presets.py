@@ -3,6 +3,7 @@ rank-offset semantics that keep every DP rank's ports inside its pod's block."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -539,3 +540,26 @@ def test_deployment_example_resolves() -> None:
     assert "kv-replay" in blocks(prefill)
     assert "kv-events" not in blocks(decode)
     assert blocks(decode)["nixl"].size == 4
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+)
+def test_every_example_resolves(name: str) -> None:
+    """Every InferenceDeployment example is valid for the version it names."""
+    path = Path(__file__).resolve().parents[2] / "examples" / name
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "InferenceDeployment":
+            d = InferenceDeployment.model_validate(doc)
+            for role in d.spec.roles:
+                plan = resolve_role(d.spec, role)
+                used = " ".join(
+                    " ".join([*(c.args or []), *(c.command or [])])
+                    for c in role.template.spec.containers
+                )
+                pod = PortPlan(plan, 0)
+                provided = {*pod.env_names(), *pod.group_env_names()}
+                # Every $(BERTH_...) an example passes is one the preset provides.
+                for ref in re.findall(r"\$\((BERTH_[A-Z_]+)\)", used):
+                    assert ref in provided, (name, role.name, ref)
