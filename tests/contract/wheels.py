@@ -2,7 +2,8 @@
 
 ``source("vllm", "0.11.1")`` runs ``pip download --no-deps`` of exactly that
 release into ``$BERTH_CACHE/engines/wheels`` and extracts its Python files
-into ``$BERTH_CACHE/engines/src/<dist>-<version>``; later calls reuse both.
+into ``$BERTH_CACHE/engines/src/<dist>-<version>`` (then drops the wheel);
+later calls reuse the sources.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def source(dist: str, version: str) -> Path:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            with zipfile.ZipFile(_wheel(dist, version)) as wheel:
+            path = _wheel(dist, version)
+            with zipfile.ZipFile(path) as wheel:
                 for name in wheel.namelist():
                     if name.endswith(".py"):
                         wheel.extract(name, dest)
             done.touch()
+            path.unlink()  # vLLM wheels are ~400 MB; only the sources are read
     return dest
