@@ -310,7 +310,7 @@ INVALID: list[Case] = [
     Case(
         "env-twice-across-blocks",
         _d(lambda d: d["spec"].update(ports=[_block("a", "P"), _block("b", "P")])),
-        ("spec.roles", "an env var is set twice in a role"),
+        ("spec.ports", "an env var is set twice in a role"),
         "an env var is set twice in a role",
     ),
     Case(
@@ -319,18 +319,6 @@ INVALID: list[Case] = [
             lambda d: (
                 d["spec"].update(ports=[_block("a", "P")]),
                 _role(d).update(ports=[_block("b", "P")]),
-            )
-        ),
-        ("spec.roles", "an env var is set twice in a role"),
-        "an env var is set twice in a role",
-    ),
-    Case(
-        "env-inherited-twice",
-        # The role's block "a" keeps spec's env P (it sets none of its own).
-        _d(
-            lambda d: (
-                d["spec"].update(ports=[_block("a", "P")]),
-                _role(d).update(ports=[{"name": "a", "size": 3}, _block("b", "P")]),
             )
         ),
         ("spec.roles", "an env var is set twice in a role"),
@@ -466,8 +454,9 @@ INVALID: list[Case] = [
 ]
 
 
-#: Specs the rules across blocks must accept: overrides by name replace env,
-#: disabled blocks do not count, custom blocks may take their size from spec.ports.
+#: Specs the rules across blocks must accept: a role's block replaces spec.ports'
+#: block of its name, blocks that say enabled: false do not count, custom blocks
+#: may take their size from spec.ports.
 VALID: list[tuple[str, Doc]] = [
     (
         "role-overrides-env",
@@ -482,17 +471,17 @@ VALID: list[tuple[str, Doc]] = [
         "disabled-block-env-does-not-count",
         _d(
             lambda d: (
-                d["spec"].update(ports=[_block("a", "P"), _block("b", "P")]),
-                _role(d).update(ports=[{"name": "b", "enabled": False}]),
+                d["spec"].update(ports=[_block("a", "P"), {**_block("b", "P"), "enabled": False}]),
+                _role(d).update(ports=[_block("c", "Q"), {**_block("d", "Q"), "enabled": False}]),
             )
         ),
     ),
     (
-        "block-disabled-in-spec-stays-off",
+        "overridden-spec-block-env-does-not-count",
         _d(
             lambda d: (
-                d["spec"].update(ports=[{"name": "a", "size": 1, "enabled": False}]),
-                _role(d).update(ports=[_block("a", "P"), _block("b", "P")]),
+                d["spec"].update(ports=[_block("a", "P")]),
+                _role(d).update(ports=[{"name": "a", "enabled": False}, _block("b", "P")]),
             )
         ),
     ),
