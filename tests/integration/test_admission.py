@@ -31,6 +31,7 @@ from tests.integration.test_rbac import (  # the chart's identity, reused
     ACCOUNT,
     CHART,
     RELEASE,
+    Drive,
     apply,
     chart_rbac,
     helm_binary,
@@ -430,6 +431,17 @@ def test_berth_patches_and_deletes_only_its_own_pods(admin: Api, berth: Api) -> 
     denied_by_write_guard(berth.run("delete", "pod", "web-worker-1", "--wait=false"), "delete")
     assert berth.run(*annotate, "web-worker-0", "berth.dev/ports={}").returncode == 0
     assert berth.run("delete", "pod", "web-worker-0", "--wait=false").returncode == 0
+
+
+def test_the_operator_works_under_the_guards(admin: Api, sa_kubeconfig: str, tmp_path: Any) -> None:
+    """test_rbac.py's drive (allocation, scale-down, a spec error, a restart), run
+    with Berth's token while the guards are on: nothing Berth does is refused."""
+    drive = Drive(admin.cluster, admin.namespace, sa_kubeconfig, tmp_path / "operator.log")
+    try:
+        drive.run()
+    finally:
+        drive.stop()
+    assert "denied request" not in drive.evidence()
 
 
 # --- roles for the people using Berth -------------------------------------------
