@@ -114,6 +114,8 @@ def test_helm_template_passes_server_side_validation(cluster: Any, namespace: st
         "Service",
         "Deployment",
         "PodDisruptionBudget",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     }
     out = dry_run(cluster, manifest)
     assert "(server dry run)" in out

@@ -350,11 +350,10 @@ def test_rank_base_needs_whole_ports_per_rank() -> None:
 
 
 def test_block_larger_than_the_limit_is_a_preset_error() -> None:
-    with pytest.raises(PresetError, match="needs 9216 ports"):
-        resolve(
-            dataParallelSize=1024,
-            ports=[{"name": "x", "sizeRule": {"basis": "perRank", "multiplier": 9}}],
-        )
+    # A preset's block (vLLM's internal: 4 per rank + 32); the schema refuses a
+    # declared sizeRule this large before the operator sees it.
+    with pytest.raises(PresetError, match="needs 8224 ports"):
+        resolve(tensorParallelSize=8, dataParallelSize=256)
 
 
 @pytest.mark.parametrize(
