@@ -350,10 +350,10 @@ def test_rank_base_needs_whole_ports_per_rank() -> None:
 
 
 def test_block_larger_than_the_limit_is_a_preset_error() -> None:
-    # A preset's block (vLLM's internal: 4 per rank + 32); the schema refuses a
-    # declared sizeRule this large before the operator sees it.
-    with pytest.raises(PresetError, match="needs 8224 ports"):
-        resolve(tensorParallelSize=8, dataParallelSize=256)
+    # A preset's block (vLLM 0.9.2's nixl: one port per rank, tp x dp); the
+    # schema refuses a declared sizeRule this large before the operator sees it.
+    with pytest.raises(PresetError, match="needs 16384 ports"):
+        resolve(version="0.9.2", tensorParallelSize=64, dataParallelSize=256)
 
 
 @pytest.mark.parametrize(
