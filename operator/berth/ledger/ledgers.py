@@ -3,7 +3,7 @@
 The cache only saves reads. Each change is computed on the cached state and
 written with its resourceVersion; on conflict the node is re-read and the
 change recomputed, so a stale cache (another replica, a restart) can cost a
-retry but never a double allocation (I4, I5).
+retry but never a double allocation (I4, I5 in docs/design.md).
 """
 
 from __future__ import annotations

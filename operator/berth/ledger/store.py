@@ -1,6 +1,6 @@
 """Per-node ledgers persisted as ConfigMaps, written with compare-and-swap.
 
-The API server is the arbiter (I5): every write carries the resourceVersion
+The API server is the arbiter (I5 in docs/design.md): every write carries the resourceVersion
 it was computed from, so of two writers working from the same state exactly
 one succeeds and the other re-reads — as Kubernetes' own NodePort allocator
 does with its bitmap object.
