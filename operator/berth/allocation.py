@@ -24,7 +24,6 @@ from berth.events import EventSink
 from berth.kube import KubeApi, KubeError
 from berth.ledger.ledgers import Allocation, LedgerBusy, Ledgers
 from berth.ledger.records import Held, Holder, Repair
-from berth.ledger.store import LedgerNotOwned
 from berth.manifests import pod_ports_configmap_body
 from berth.names import ANNOTATION_GROUP_LEADER, ANNOTATION_PORTS
 from berth.plan import PlanError, PortPlan
@@ -111,7 +110,7 @@ class AllocationService:
             # Transient: the next sweep (or a release on its node) retries it.
             log.warning("ports for %s/%s deferred: %s", meta["namespace"], meta["name"], error)
             self._waiting[meta["uid"]] = Waiting(node, pod, f"retrying after: {error}")
-        except (LedgerNotOwned, NameTaken) as error:
+        except NameTaken as error:
             self._wait(pod, node, "NameTaken", str(error))
         return None
 
@@ -274,6 +273,13 @@ class AllocationService:
 
     def report_repair(self, node: str, repair: Repair) -> None:
         """Audit what a fold of delivered ports changed in a ledger."""
+        if repair.damage:
+            self.post_event(
+                self.ledgers.reference(node),
+                type="Warning",
+                reason="LedgerRepaired",
+                message=repair.damage,
+            )
         for reason, changed in (
             ("delivered ports missing from the ledger", repair.adopted),
             ("ledger disagreed with the delivered ports", repair.replaced),

@@ -190,6 +190,19 @@ async def test_a_garbage_ledger_is_rebuilt_from_the_pods() -> None:
     assert_disjoint({**before, **await bed.deliver("web-d-2")})
     rebuilt = ledger_of(bed.kube)
     assert rebuilt is not None and rebuilt["data"]["pool"].startswith("default 20000-20099")
+    assert "LedgerRepaired" in bed.events.reasons()
+
+
+async def test_a_ledger_berth_did_not_write_is_replaced_by_the_repaired_one() -> None:
+    bed = Bed.make()
+    before = await bed.deliver("web-d-0")
+    bed.kube.put(LEDGERS, {"metadata": {"name": "berth-ledger.n2"}, "data": {"x": "y"}})
+    after = await bed.deliver("web-d-1", node="n2")
+    assert_disjoint({**before, **after})
+    rebuilt = ledger_of(bed.kube, "n2")
+    assert rebuilt is not None and rebuilt["metadata"]["labels"][LABEL_MANAGED_BY] == MANAGED_BY
+    damage = [m for _, reason, m in bed.events.posted if reason == "LedgerRepaired"]
+    assert damage and "Berth did not write it" in damage[0]
 
 
 async def test_overlapping_deliveries_are_reported_and_given_to_nobody_else() -> None:
