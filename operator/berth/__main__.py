@@ -1,14 +1,28 @@
-"""``python -m berth``: run the operator (what the container image runs)."""
+"""``python -m berth``: run the operator (what the container image runs).
+
+With ``BERTH_LEADER_ELECTION=true`` (the chart's setting) the process first
+waits as a warm standby: imported, connected, answering its health probe,
+watching the Lease. Only once it holds the Lease does kopf start, so no
+handler runs and no port is handed out before then (berth.leadership).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import kopf
+from aiohttp import web
+from prometheus_client import start_http_server
 
 import berth.controllers  # noqa: F401  (registers the handlers)
 from berth.config import OperatorConfig
+from berth.kube import Kube
+from berth.leadership import Leadership, abdicate
 from berth.logs import configure_logging
 
 
@@ -17,32 +31,77 @@ def main() -> None:
     parser.add_argument(
         "--liveness",
         default=os.environ.get("BERTH_LIVENESS", ""),
-        help="e.g. http://0.0.0.0:8081/healthz",
-    )
-    parser.add_argument(
-        "--priority",
-        type=int,
-        default=int(os.environ.get("BERTH_PRIORITY", "0")),
-        help="kopf peering priority: the highest live replica is active",
-    )
-    parser.add_argument(
-        "--peering",
-        default=os.environ.get("BERTH_PEERING", ""),
-        help="ClusterKopfPeering name; empty runs standalone",
+        help="health endpoint, e.g. http://0.0.0.0:8081/healthz (kopf's once active)",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logs (BERTH_LOG_LEVEL=debug)")
     args = parser.parse_args()
     config = OperatorConfig.from_env()
     configure_logging("debug" if args.verbose else config.log_level, config.log_format)
+    # Every replica serves metrics (berth_leader says which one acts).
+    start_http_server(config.metrics_port)
+    asyncio.run(run(config, args.liveness))
+
+
+async def run(config: OperatorConfig, liveness: str) -> None:
+    if not config.leader_election:
+        await operate(config, liveness, kopf.Memo())
+        return
+    client = await Kube.connect()
+    leadership = Leadership(client, config.namespace, config.lease)
+    try:
+        async with serve_health(liveness):
+            await leadership.acquire()
+        leadership.stop_if_resumed_late()
+        keeper = asyncio.create_task(leadership.keep())
+        keeper.add_done_callback(_lost)
+        try:
+            await operate(config, liveness, kopf.Memo(leadership=leadership))
+        finally:
+            keeper.remove_done_callback(_lost)
+            keeper.cancel()
+            await leadership.release()
+    finally:
+        await client.close()
+
+
+def _lost(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        abdicate(f"lost the lease: {task.exception()}")
+
+
+async def operate(config: OperatorConfig, liveness: str, memo: kopf.Memo) -> None:
     namespaces = config.watch_namespaces
-    kopf.run(
+    await kopf.operator(
         clusterwide=not namespaces,
         namespaces=namespaces,
-        standalone=not args.peering,
-        peering_name=args.peering or None,
-        priority=args.priority,
-        liveness_endpoint=args.liveness or None,
+        # One operator acts at a time by the Lease (or by hand), not by kopf peering.
+        standalone=True,
+        liveness_endpoint=liveness or None,
+        memo=memo,
     )
+
+
+@contextlib.asynccontextmanager
+async def serve_health(endpoint: str) -> AsyncIterator[None]:
+    """The standby's own answer on the health endpoint, until kopf's takes over:
+    a waiting replica is healthy, and restarting it would only make it cold."""
+    if not endpoint:
+        yield
+        return
+    url = urlsplit(endpoint)
+
+    async def healthy(_: web.Request) -> web.Response:
+        return web.json_response({"standby": True})
+
+    app = web.Application()
+    app.router.add_get(url.path or "/", healthy)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, url.hostname, url.port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

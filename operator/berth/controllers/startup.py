@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 import kopf
-from prometheus_client import start_http_server
 
 from berth.config import OperatorConfig
-from berth.kube import Kube
+from berth.kube import Kube, KubeApi
+from berth.leadership import FencedKube, Leadership
 from berth.names import FINALIZER, GROUP
 from berth.runtime import Runtime
 
@@ -42,9 +42,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.scanning.disabled = True
     # Failed handlers retry quickly at first: allocation is latency-sensitive.
     settings.networking.error_backoffs = (0.5, 1, 2, 5, 10)
-    client = await Kube.connect()
+    client: KubeApi = await Kube.connect()
+    leadership: Leadership | None = memo.get("leadership")
+    if leadership is not None:
+        # Elected (python -m berth): no write once the Lease may be someone else's.
+        client = FencedKube(client, leadership)
     runtime = Runtime.build(config, client)
-    start_http_server(config.metrics_port)
     # kopf starts no watch before start-up handlers finish.
     await runtime.start()
     memo["runtime"] = runtime
