@@ -35,6 +35,7 @@ COPY --from=build /opt/berth /opt/berth
 USER 65532:65532
 # 8080: Prometheus /metrics; 8081: kopf's /healthz (liveness and readiness).
 EXPOSE 8080 8081
-# Standalone (no kopf peering: one replica, see docs/install.md); the range
+# Acts at once unless BERTH_LEADER_ELECTION=true (the chart's two replicas,
+# docs/install.md); the range
 # audit goes to stdout as JSON lines, logs to stderr.
 ENTRYPOINT ["python", "-m", "berth", "--liveness=http://0.0.0.0:8081/healthz"]

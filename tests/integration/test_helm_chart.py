@@ -86,7 +86,7 @@ def deployment_available(cluster: Any, namespace: str, name: str) -> bool:
         any(
             c["type"] == "Available" and c["status"] == "True" for c in status.get("conditions", [])
         )
-        and status.get("availableReplicas") == 1
+        and status.get("availableReplicas") == 2
     )
 
 
@@ -162,10 +162,14 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
             what="the operator Deployment to be Available",
         )
         deployment = kube_json(cluster, "get", "deployment", "-n", namespace, RELEASE)
-        assert deployment["spec"]["strategy"]["type"] == "Recreate"
-        (pod,) = operator_pods(cluster, namespace)
-        assert pod["spec"]["serviceAccountName"] == RELEASE
-        assert pod["status"]["phase"] == "Running"
+        assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+        pods = operator_pods(cluster, namespace)
+        assert len(pods) == 2
+        for pod in pods:
+            assert pod["spec"]["serviceAccountName"] == RELEASE
+            assert pod["status"]["phase"] == "Running"
+        # Preferred anti-affinity: on different nodes while there are nodes to spare.
+        assert len({p["spec"]["nodeName"] for p in pods}) == 2
         # The CRDs came with the chart (or were there already): both established.
         for crd in ("inferencedeployments.berth.dev", "nodeportpools.berth.dev"):
             cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
@@ -173,8 +177,8 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
         assert status["info"]["status"] == "deployed"
         assert "rollout status deployment/berth-helm" in status["info"]["notes"]
 
-        # An upgrade replaces the single pod (Recreate) and keeps it available.
-        old = pod["metadata"]["uid"]
+        # An upgrade replaces both pods, one at a time, and stays available.
+        old = {p["metadata"]["uid"] for p in pods}
         helm(
             cluster,
             "upgrade",
@@ -191,15 +195,18 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
         )
         wait_for(
             lambda: (
-                [
-                    p["metadata"]["uid"]
-                    for p in operator_pods(cluster, namespace)
-                    if not p["metadata"].get("deletionTimestamp")
-                ]
-                not in ([], [old])
+                len(
+                    live := {
+                        p["metadata"]["uid"]
+                        for p in operator_pods(cluster, namespace)
+                        if not p["metadata"].get("deletionTimestamp")
+                    }
+                )
+                == 2
+                and not live & old
             ),
             timeout=60,
-            what="the upgrade to replace the operator pod",
+            what="the upgrade to replace both operator pods",
         )
         wait_for(
             lambda: deployment_available(cluster, namespace, RELEASE),
@@ -223,10 +230,10 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
             "--namespace",
             namespace,
             "--set",
-            "replicaCount=2",
+            "replicaCount=0",
             check=False,
         )
-        assert bad.returncode != 0 and "at '/replicaCount': value must be 1" in bad.stderr
+        assert bad.returncode != 0 and "at '/replicaCount': minimum" in bad.stderr
     finally:
         helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
     # Helm leaves the CRDs alone on uninstall (docs/install.md, "Uninstall").

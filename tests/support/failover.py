@@ -394,7 +394,11 @@ class Pair:
         self.probes += 1
         name = f"probe-{self.probes}"
         node = self.nodes[self.probes % len(self.nodes)]
-        self.core.create_namespaced_pod(self.namespace, bound_pod(name, node))
+        try:
+            self.core.create_namespaced_pod(self.namespace, bound_pod(name, node))
+        except client.ApiException as error:
+            if error.status != 409:  # 409: the client's own retry of a slow create
+                raise
         return name
 
     def delivered(self, name: str) -> bool:

@@ -41,7 +41,11 @@ CLUSTER_RULES = {
     ("berth.dev", "nodeportpools"): {"list", "watch"},
     ("berth.dev", "nodeportpools/status"): {"patch"},
 }
-LEDGER_RULES = {("", "configmaps"): {"list"}}
+# The release namespace: ledgers listed, the leader-election Lease.
+LEDGER_RULES = {
+    ("", "configmaps"): {"list"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}
 # Asked for at design time, never called (docs/install.md says why): kept out.
 UNUSED = [
     ("", "nodes", "get"),
@@ -188,7 +192,7 @@ def test_rbac_has_no_wildcards_secrets_or_escalation() -> None:
     for role in roles:
         for group, resource, verbs in rules_of(role):
             assert "*" not in (group, resource) and "*" not in verbs, role["metadata"]["name"]
-            assert resource not in ("secrets", "customresourcedefinitions", "leases")
+            assert resource not in ("secrets", "customresourcedefinitions")
             assert not verbs & {"escalate", "bind", "impersonate", "deletecollection"}
         for rule in role["rules"]:
             assert "nonResourceURLs" not in rule and "resourceNames" not in rule
@@ -256,13 +260,76 @@ def test_docs_rbac_table_is_the_chart_rbac() -> None:
 # --- the operator's Deployment ------------------------------------------------
 
 
-def test_one_standalone_replica_replaced_with_recreate() -> None:
-    deployment = one(default_objects(), "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    args = container(default_objects())["args"]
+def test_two_replicas_elect_one_and_roll_without_a_gap() -> None:
+    objects = default_objects()
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    # A new standby is up before an old pod goes; a leaving leader releases the Lease.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    env = env_of(objects)
+    assert env["BERTH_LEADER_ELECTION"] == "true"
+    assert env["BERTH_LEASE_NAME"] == "berth"
+    assert env["BERTH_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    timings = [env[f"BERTH_LEASE_{k}"] for k in ("DURATION", "RENEW_DEADLINE", "RENEW_PERIOD")]
+    assert timings == ["8", "5", "2"] and env["BERTH_LEASE_RETRY_PERIOD"] == "1"
+    args = container(objects)["args"]
     assert "--liveness=http://0.0.0.0:8081/healthz" in args
     assert not [a for a in args if a.startswith(("--peering", "--priority"))]
+
+
+def test_replicas_prefer_different_nodes_unless_affinity_is_given() -> None:
+    pod = one(default_objects(), "Deployment")["spec"]["template"]["spec"]
+    selector = one(default_objects(), "Deployment")["spec"]["selector"]["matchLabels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["weight"] == 100
+    assert term["podAffinityTerm"] == {
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": selector},
+    }
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}}
+    pod = one(render(values={"affinity": mine}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["affinity"] == mine
+
+
+def test_without_leader_election_no_lease_rule_and_no_lease_settings() -> None:
+    objects = render("leaderElection.enabled=false")
+    assert env_of(objects)["BERTH_LEADER_ELECTION"] == "false"
+    assert not [k for k in env_of(objects) if k.startswith("BERTH_LEASE") or k == "BERTH_POD_NAME"]
+    assert as_table(one(objects, "Role")) == {("", "configmaps"): {"list"}}
+
+
+def test_one_replica_keeps_a_drainable_pdb() -> None:
+    pdb = one(render("replicaCount=1"), "PodDisruptionBudget")["spec"]
+    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    pdb = one(render("replicaCount=3", "podDisruptionBudget.minAvailable=2"), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 2
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["leaderElection.renewDeadlineSeconds=8"],
+            "need renewPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds, got 2 < 8 < 8",
+        ),
+        (
+            ["leaderElection.renewPeriodSeconds=5"],
+            "need renewPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds, got 5 < 5 < 8",
+        ),
+        (
+            ["podDisruptionBudget.minAvailable=2"],
+            "podDisruptionBudget.minAvailable (2) must be below replicaCount (2)",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_fail_the_render(sets: list[str], message: str) -> None:
+    args = [a for item in sets for a in ("--set", item)]
+    result = helm("template", "berth", str(CHART), *args, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
 
 
 def test_restricted_security_context() -> None:
@@ -361,7 +428,8 @@ def test_service_and_pdb_select_the_operator_pod() -> None:
     pdb = one(objects, "PodDisruptionBudget")["spec"]
     assert service == selector == pdb["selector"]["matchLabels"]
     assert selector.items() <= labels.items()
-    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    # Two replicas: a drain evicts one at a time; a standby takes over.
+    assert pdb["minAvailable"] == 1 and "maxUnavailable" not in pdb
     # Never the label Berth puts on its worker pods.
     assert labels.get("app.kubernetes.io/managed-by") != "berth"
 
@@ -395,7 +463,12 @@ def test_every_object_has_the_standard_labels() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "replicaCount=2"], "at '/replicaCount': value must be 1"),
+        (["--set", "replicaCount=0"], "at '/replicaCount': minimum"),
+        (
+            ["--set", "leaderElection.leaseDurationSeconds=1"],
+            "at '/leaderElection/leaseDurationSeconds'",
+        ),
+        (["--set", "leaderElection.enabled=yes"], "at '/leaderElection/enabled'"),
         (["--set", "defaultPool={20000-}"], "at '/defaultPool/0': '20000-' does not match pattern"),
         (["--set-json", "defaultPool=[]"], "at '/defaultPool': minItems"),
         (["--set", "reservedPorts={http}"], "at '/reservedPorts/0': 'http' does not match"),
@@ -408,7 +481,11 @@ def test_every_object_has_the_standard_labels() -> None:
         (["--set", "watchNamespaces={Bad_NS}"], "at '/watchNamespaces/0'"),
         (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
         (["--set", "metrics.port=70000"], "at '/metrics/port': maximum"),
-        (["--set", "podDisruptionBudget.maxUnavailable=0"], "value must be 1"),
+        (["--set", "podDisruptionBudget.minAvailable=0"], "at '/podDisruptionBudget/minAvailable'"),
+        (
+            ["--set", "podDisruptionBudget.maxUnavailable=1"],
+            "additional properties 'maxUnavailable' not allowed",
+        ),
         (
             ["--set", "securityContext.readOnlyRootFilesystem=false"],
             "at '/securityContext/readOnlyRootFilesystem': value must be true",
