@@ -59,6 +59,11 @@ def micro_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def describe(error: BaseException) -> str:
+    """The API's own words (RBAC refusals are matched on them), else the type."""
+    return str(error) or type(error).__name__
+
+
 def abdicate(reason: str) -> NoReturn:
     """Leave now: no handler may finish, no write may start after this."""
     LEADER.set(0)
@@ -127,7 +132,7 @@ class Leadership:
             self._say(f"standby: lease call failed: {error}")
             return False
         except TRANSIENT as error:
-            self._say(f"standby: lease call failed: {error!r}")
+            self._say(f"standby: lease call failed: {describe(error)}")
             return False
 
     def _expired(self, lease: Body, now: float) -> bool:
@@ -221,7 +226,7 @@ class Leadership:
         except LostLease:
             raise
         except TRANSIENT as error:
-            log.warning("lease renewal failed (%.1f s left): %r", self._left(), error)
+            log.warning("lease renewal failed (%.1f s left): %s", self._left(), describe(error))
             return False
         return True
 

@@ -87,6 +87,9 @@ TRIGGERS: dict[Perm, int] = {
     ("ClusterRole", "berth.dev", "nodeportpools", "watch"): START,
     ("ClusterRole", "berth.dev", "nodeportpools/status", "patch"): POOL,
     ("Role", "", "configmaps", "list"): START,
+    ("Role", "coordination.k8s.io", "leases", "get"): START,
+    ("Role", "coordination.k8s.io", "leases", "create"): START,
+    ("Role", "coordination.k8s.io", "leases", "update"): START,
 }
 
 
@@ -313,9 +316,13 @@ class Drive:
 
     def start(self) -> None:
         before = self.starts()
-        self.operator = OperatorProcess(
-            self.kubeconfig, self.log, env={"BERTH_SWEEP_INTERVAL": "2"}
-        ).start()
+        # Elected as in the chart, on a Lease of this test's own (created at start).
+        env = {
+            "BERTH_SWEEP_INTERVAL": "2",
+            "BERTH_LEADER_ELECTION": "true",
+            "BERTH_LEASE_NAME": self.namespace,
+        }
+        self.operator = OperatorProcess(self.kubeconfig, self.log, env=env).start()
         self.until(lambda: self.starts() > before, 30, "operator start-up")
 
     def pool(self) -> None:

@@ -422,6 +422,8 @@ class Pair:
         self.wait_standby(other)
         started = time.monotonic()
         {"kill": old.kill, "pause": old.pause, "cut": old.cut, "term": old.terminate}[how]()
+        if how == "term":  # until it is gone it may still serve (it holds the Lease)
+            old.proc.wait(30)
         probe = self.create_probe()
         wait_for(lambda: self.delivered(probe), timeout=timeout, interval=0.05, what=probe)
         elapsed = time.monotonic() - started
