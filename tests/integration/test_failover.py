@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from tests.support.failover import Pair, PortsLog, exited_on_its_own
 from tests.support.invariants import LedgerWatcher
+from tests.support.operator_process import wait_for
 from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
 
 BOUND = 15.0  # seconds from the active replica's loss to allocation resuming
@@ -103,6 +104,16 @@ def test_an_active_replica_cut_off_from_the_api_server(pair: Pair, watched: Port
     assert old.said("lost the lease")
     pair.replace(old)
     pair.allocate_probe()
+
+
+def test_the_standby_answers_its_health_probe_then_kopf_does(pair: Pair) -> None:
+    """The chart's probes reach a standby too: it must not be restarted as dead."""
+    standby, active = pair.standby(), pair.active()
+    assert standby.health() == (200, '{"standby": true}')
+    assert active.health()[0] == 200 and "standby" not in active.health()[1]
+    pair.fail_over("term")
+    wait_for(lambda: standby.health()[0] == 200, timeout=10, what="the new leader's probe")
+    assert "standby" not in standby.health()[1]  # kopf's own endpoint now
 
 
 def test_a_graceful_stop_hands_the_lease_over_at_once(pair: Pair, watched: PortsLog) -> None:

@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import pairwise
@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from kubernetes import client, watch
-from tests.support.operator_process import OperatorProcess, audit_lines, wait_for
+from tests.support.operator_process import OperatorProcess, audit_lines, free_port, wait_for
 from urllib3.exceptions import ProtocolError
 
 from berth.allocator.ranges import PortRange
@@ -199,6 +199,7 @@ class Replica:
     relay: Relay | None = None
     process: OperatorProcess | None = None
     generation: int = 0
+    health_port: int = field(default_factory=free_port)
 
     @property
     def identity(self) -> str:
@@ -223,8 +224,18 @@ class Replica:
             "BERTH_POD_NAME": self.identity,
             **LEASE,
         }
-        self.process = OperatorProcess(config, self.log, env=env).start()
+        liveness = f"--liveness=http://127.0.0.1:{self.health_port}/healthz"
+        self.process = OperatorProcess(config, self.log, env=env, args=(liveness,)).start()
         return self
+
+    def health(self) -> tuple[int, str]:
+        """The health endpoint's answer (the chart's probes ask it), or (0, why)."""
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except OSError as error:
+            return 0, str(error)
 
     def said(self, text: str) -> bool:
         return self.log.exists() and text in self.log.read_text()
@@ -435,16 +446,6 @@ class Pair:
         old.stop()
         old.start()
         self.wait_standby(old)
-
-
-def kept(predicate: Callable[[], bool], seconds: float) -> bool:
-    """``predicate`` held the whole time (checked every 0.1 s)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not predicate():
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def exited_on_its_own(replica: Replica, timeout: float) -> int | None:
