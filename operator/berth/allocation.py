@@ -86,12 +86,15 @@ class AllocationService:
             if (h := holder_of(w.pod)).namespace == namespace and h.deployment == deployment
         ]
 
-    def delivered_on(self, node: str) -> list[Held]:
-        """Every assignment live pods on ``node`` were delivered, as far as known:
-        their annotations, or what this process delivered before their event came."""
+    def delivered_on(
+        self, node: str, live: Iterable[Mapping[str, Any]] | None = None
+    ) -> list[Held]:
+        """Every assignment the ``live`` pods on ``node`` (default: the view's)
+        were delivered, as far as known: their annotations, or what this
+        process delivered before their event came."""
         mine = self._delivered.get(node, {})
         known = []
-        for pod in self.view.live_on(node):
+        for pod in self.view.live_on(node) if live is None else live:
             holder = holder_of(pod)
             blocks = delivered_ports(pod)
             if blocks is not None:
