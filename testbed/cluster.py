@@ -40,7 +40,7 @@ from testbed.procs import (
     say_nothing,
     say_stderr,
 )
-from testbed.realnode import RealNode, delete_pods_on, is_ready
+from testbed.realnode import RealNode, check_host, delete_pods_on, is_ready
 from testbed.toolchain import Toolchain
 
 # Start order; ``down`` stops them in reverse.
@@ -251,6 +251,8 @@ class LocalCluster:
         On failure everything started is stopped again (logs are kept).
         """
         self.tools.check(real_nodes=real_nodes > 0)
+        if real_nodes:
+            check_host()
         node_images = images.node_images() if real_nodes else []
         if any(p.alive() for p in self.processes()) or self._strays():
             raise ClusterError(f"a cluster is already running in {self.dir}; run down first")

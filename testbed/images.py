@@ -206,7 +206,7 @@ def _static_binary(source: Path, out: Path) -> None:
 
 
 BUSYBOX = Path("/bin/busybox")
-BUSYBOX_APPLETS = ("sh", "cat", "ls", "sleep", "ps", "env")
+BUSYBOX_APPLETS = ("sh", "cat", "ls", "sleep", "ps", "env", "kill")
 
 
 def engine_image() -> Path:

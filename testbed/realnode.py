@@ -64,6 +64,18 @@ def cluster_id(cluster_dir: Path) -> str:
     return hashlib.sha256(str(cluster_dir).encode()).hexdigest()[:6]
 
 
+# The kubelet and containerd create unix sockets below a node's dir, and a
+# socket's path has at most 107 bytes: a node whose dir under the cluster's
+# would be longer than this lives under SHORT_ROOT instead.
+MAX_NODE_DIR = 48
+SHORT_ROOT = Path("/var/tmp/berth-nodes")
+
+
+def node_dir(cluster_dir: Path, cid: str, name: str) -> Path:
+    path = cluster_dir / "nodes" / name
+    return path if len(str(path)) <= MAX_NODE_DIR else SHORT_ROOT / f"{cid}-{name}"
+
+
 def check_host() -> None:
     """Fail with the reason if this machine cannot run a real node."""
     missing = sorted({pkg for cmd, pkg in HOST_COMMANDS.items() if shutil.which(cmd) is None})
@@ -208,8 +220,8 @@ class RealNode:
         self.index = index
         self.name = real_node_name(index)
         self.tools = tools
-        self.dir = cluster_dir / "nodes" / self.name
         self.cid = cluster_id(cluster_dir)
+        self.dir = node_dir(cluster_dir, self.cid, self.name)
 
     # paths
     @property

@@ -2,7 +2,8 @@
  * A stand-in inference engine for the test bed's real nodes.
  *
  * Binds (and listens on) every port named in its environment: each variable
- * whose name ends in _PORT, and for a variable ENGINE_SPAN_<NAME>=N the N
+ * whose name ends in _PORT (except KUBERNETES_*, the API server's Service
+ * env), and for a variable ENGINE_SPAN_<NAME>=N the N
  * ports from $NAME on (a whole block). ENGINE_BIND_ADDRESS picks the address
  * (default 0.0.0.0). A port already in use is reported loudly with its
  * variable and the process exits 1: Berth handed out a port that was not free.
@@ -69,7 +70,9 @@ int main(void) {
     if (!eq) continue;
     size_t len = (size_t)(eq - *e);
     if (len < 5 || strncmp(eq - 5, "_PORT", 5) != 0) continue;
-    if (strncmp(*e, "ENGINE_SPAN_", 12) == 0) continue;
+    /* The span settings, and the API server's Service env the kubelet
+       adds to every pod (KUBERNETES_PORT=tcp://...), name no port of ours. */
+    if (strncmp(*e, "ENGINE_SPAN_", 12) == 0 || strncmp(*e, "KUBERNETES_", 11) == 0) continue;
     char name[256];
     if (len >= sizeof name) continue;
     memcpy(name, *e, len);
