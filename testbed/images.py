@@ -54,6 +54,8 @@ OPERATOR_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "BERTH_LOG_FORMAT": "json",
     "HOME": "/tmp",
+    # uid 65532 has no passwd entry; kopf's getpass.getuser() reads this first.
+    "USER": "berth",
 }
 # Debian packages of the operator's Python; their dependencies come along,
 # except the ones only package maintenance scripts need.
@@ -186,6 +188,9 @@ def _cached(stem: str, key: str, build: Callable[[Path, Path], None]) -> Path:
         return out
     with tempfile.TemporaryDirectory(prefix=f"berth-{stem}-") as tmp:
         build(Path(tmp) / "rootfs", out)
+    for stale in out.parent.glob(f"{stem}-*.tar"):  # earlier builds of this image
+        if stale != out:
+            stale.unlink()
     return out
 
 
