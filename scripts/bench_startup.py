@@ -3,8 +3,8 @@
 Two kinds of pod, interleaved in one run on the test bed's real node: Berth's
 (an InferenceDeployment whose engine gets its ports through the per-pod
 ConfigMap) and the same engine pod with static env ports. For each pod:
-from its scheduling (the PodScheduled condition) to its container started
-(``state.running.startedAt``), both stamped by the cluster. Prints p50/p95 of
+from its scheduling (its binding to the node) to its container reported running, both seen
+through one watch. Prints p50/p95 of
 each and their ratios.
 
     python -m scripts.bench_startup [--pods 50] [--cluster-dir DIR]   # from the repo root
@@ -16,20 +16,25 @@ temp dir and stops it afterwards.
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import json
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
 from testbed import LocalCluster
 from testbed.workloads import engine_container, engine_deployment, pin_to
 from tests.support.operator_process import OperatorProcess, wait_for
+from urllib3.exceptions import ProtocolError
 
 ROOT = Path(__file__).resolve().parents[1]
 Body = dict[str, Any]
@@ -56,26 +61,56 @@ class Kubectl:
         return items
 
 
-def _time(text: str) -> float:
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+class Stamps:
+    """Watches the namespace's pods and stamps, on arrival, when each was bound
+    to the node and when its container was first reported running. The API's
+    own timestamps have one-second resolution; the watch adds a few ms."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+        self.bound: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+        self.kind: dict[str, str] = {}
+        api = k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+        self.core = k8s.CoreV1Api(api)
+        self.watch = k8s_watch.Watch()  # type: ignore[no-untyped-call]
+        self.namespace = namespace
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(ProtocolError):  # the stream ends when we stop
+            self._follow()
+
+    def _follow(self) -> None:
+        for event in self.watch.stream(self.core.list_namespaced_pod, self.namespace):  # type: ignore[no-untyped-call]
+            now = time.monotonic()
+            pod = event["object"]
+            name = pod.metadata.name
+            self.kind[name] = "static" if (pod.metadata.labels or {}).get("bench") else "berth"
+            if pod.spec.node_name:
+                self.bound.setdefault(name, now)
+            statuses = pod.status.container_statuses or []
+            if statuses and statuses[0].state.running:
+                self.started.setdefault(name, now)
+
+    def seconds(self, kind: str) -> list[float]:
+        return [
+            self.started[n] - self.bound[n]
+            for n in list(self.started)
+            if self.kind.get(n) == kind and n in self.bound
+        ]
+
+    def stop(self) -> None:
+        self.watch.stop()  # type: ignore[no-untyped-call]
 
 
-def startup_seconds(pod: Body) -> float | None:
-    """PodScheduled -> container started, or None while not started."""
-    status = pod.get("status", {})
-    scheduled = next(
-        (
-            c
-            for c in status.get("conditions", [])
-            if c["type"] == "PodScheduled" and c["status"] == "True"
-        ),
-        None,
+def wait_started(stamps: Stamps, kind: str, count: int) -> list[float]:
+    result: list[float] = wait_for(
+        lambda: len(stamps.seconds(kind)) >= count and stamps.seconds(kind),
+        timeout=600,
+        interval=0.2,
+        what=f"{count} {kind} pods started",
     )
-    statuses = status.get("containerStatuses") or []
-    started = statuses[0].get("state", {}).get("running", {}).get("startedAt") if statuses else None
-    if scheduled is None or started is None:
-        return None
-    return _time(started) - _time(scheduled["lastTransitionTime"])
+    return result
 
 
 def static_pod(name: str, node: str, port: int) -> Body:
@@ -115,18 +150,6 @@ def test_bed(cluster_dir: str | None) -> Iterator[LocalCluster]:
             cluster.down()
 
 
-def measure(kubectl: Kubectl, namespace: str, selector: str, count: int) -> list[float]:
-    def done() -> list[float] | None:
-        times = [startup_seconds(p) for p in kubectl.pods(namespace, selector)]
-        got = [t for t in times if t is not None]
-        return got if len(got) == count else None
-
-    result: list[float] = wait_for(
-        done, timeout=600, interval=1, what=f"{count} pods ({selector}) started"
-    )
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", type=int, default=50, help="pods of each kind (default 50)")
@@ -141,7 +164,8 @@ def main() -> int:
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
         kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
         for ns in (namespace, "berth-system"):
-            kubectl("create", "namespace", ns)
+            manifest = kubectl("create", "namespace", ns, "--dry-run=client", "-o", "json")
+            kubectl("apply", "-f", "-", input=manifest)
         kubectl.apply(
             {
                 "apiVersion": "berth.dev/v1alpha1",
@@ -155,6 +179,7 @@ def main() -> int:
             }
         )
         operator = OperatorProcess(str(cluster.kubeconfig), Path(tmp) / "operator.log").start()
+        stamps = Stamps(cluster, namespace)
         static_base = POOL_START + 5 * args.pods + 100
         try:
             # Interleaved batches: both kinds see the same kubelet load.
@@ -167,11 +192,12 @@ def main() -> int:
                     pod = static_pod(f"static-{i}", node, static_base + 5 * i)
                     pod["metadata"]["namespace"] = namespace
                     kubectl.apply(pod)
-                measure(kubectl, namespace, "bench=static", last)
-                measure(kubectl, namespace, "berth.dev/role=worker", last)
-            berth = measure(kubectl, namespace, "berth.dev/role=worker", args.pods)
-            static = measure(kubectl, namespace, "bench=static", args.pods)
+                wait_started(stamps, "static", last)
+                wait_started(stamps, "berth", last)
+            berth = stamps.seconds("berth")
+            static = stamps.seconds("static")
         finally:
+            stamps.stop()
             operator.stop()
             kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=180s")
             kubectl("delete", "nodeportpool", "bench-startup")
