@@ -515,6 +515,31 @@ class LocalCluster:
         sup.wait(f"{nodes} nodes Ready", nodes_ready, everyone, deadline)
         return api
 
+    # ------------------------------------------------------------- chaos
+    def restart(self, name: str, *, down_for: float = 0.0, die_with_parent: bool = False) -> None:
+        """Stop one component and start it again with the same command line, as
+        an upgrade or a crash would; returns once the API server is ready again."""
+        state = self.state()
+        proc = next((p for p in self.processes() if p.name == name), None)
+        if proc is None:
+            raise ClusterError(f"no component {name!r} in {self.dir}")
+        sup = Supervisor(
+            self.dir,
+            self.logs,
+            state,
+            functools.partial(self._write_state, state),
+            die_with_parent=die_with_parent,
+            say=say_nothing,
+        )
+        sup.stop([proc], 10.0)
+        time.sleep(down_for)
+        sup.spawn(name, proc.argv)
+        deadline = time.monotonic() + 60
+        while not self.api().readyz():
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the API server is not ready 60 s after restarting {name}")
+            time.sleep(0.1)
+
     # ---------------------------------------------------------------- down
     def down(self, grace: float = 10.0, *, keep_logs: bool = True) -> list[str]:
         """Stop every component (recorded or stray), leave no container, mount

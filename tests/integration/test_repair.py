@@ -9,11 +9,14 @@ twice (I1), whatever happens to the ledgers (docs/design.md).
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testbed.cluster import LocalCluster
 from tests.support.operator_process import OperatorProcess, audit_lines, wait_for
 from tests.support.scenarios import (
     OPERATOR_NAMESPACE,
@@ -336,3 +339,24 @@ def test_a_users_objects_are_never_overwritten_adopted_or_deleted(
     assert gone.returncode != 0, "a pod whose ConfigMap name is taken was created"
     events = cluster.json("get", "events", "-n", namespace)["items"]
     assert any(e["reason"] == "NameClash" for e in events)
+
+
+@pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
+def test_a_control_plane_restart_during_allocation(
+    cluster: Any, operator: OperatorProcess, namespace: str, component: str
+) -> None:
+    """The API server (or etcd under it) goes away while pods are being allocated."""
+    if cluster.external:
+        pytest.skip("restarting the control plane needs the local test bed")
+    bed = LocalCluster(cluster.dir)
+    apply_deployment(cluster, namespace, custom_deployment("before", 8))
+    wait_for(lambda: all_allocated(cluster, namespace, "before", 8), timeout=90, what="alloc")
+    before = delivered(cluster, namespace)
+    apply_deployment(cluster, namespace, custom_deployment("during", 24))
+    time.sleep(0.5)  # the operator is creating and allocating "during"
+    bed.restart(component, down_for=2.0, die_with_parent="BERTH_CLUSTER_DIR" not in os.environ)
+    wait_for(lambda: all_allocated(cluster, namespace, "during", 24), timeout=120, what="alloc")
+    after = delivered(cluster, namespace)
+    assert {uid: after[uid] for uid in before} == before
+    assert_disjoint(after)
+    assert operator.alive()
