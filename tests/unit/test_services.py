@@ -163,6 +163,16 @@ async def test_a_lost_ledger_never_moves_a_running_pod(restart: bool) -> None:
     assert_disjoint({**after, **newcomer})
 
 
+async def test_a_ledger_deleted_while_running_is_rebuilt_by_the_next_sweep() -> None:
+    bed = Bed.make()
+    before = await bed.deliver("web-d-0", "web-d-1")
+    await bed.kube.delete(f"{LEDGERS}/berth-ledger.n1")
+    await bed.repairer.sweep(relist=False)
+    rebuilt = ledger_of(bed.kube)
+    assert rebuilt is not None
+    assert {bed.current(n)["metadata"]["uid"] for n in before} <= set(rebuilt["data"])
+
+
 async def test_a_ledger_edited_by_hand_yields_to_the_pods() -> None:
     bed = Bed.make()
     before = await bed.deliver("web-d-0", "web-d-1")
