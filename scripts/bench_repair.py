@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--dir", help="a running test bed to use")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-repair-"))
+    print(f"operator log: {scratch / 'operator.log'}")
     bed = LocalCluster(args.dir or scratch / "cluster")
     if not args.dir:
         bed.up(args.nodes, die_with_parent=True, max_pods=max(110, 2 * args.pods // args.nodes))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from berth.allocator.ranges import PortRange
-from berth.api.common import API_VERSION, ApiModel, Port, StatusModel, cel, validations
+from berth.api.common import ApiModel, Port, ResourceObject, StatusModel, cel, validations
 
 #: Ports below this need privileges (and belong to system services).
 PRIVILEGED_END = 1023
@@ -241,20 +241,12 @@ class NodePortPoolStatus(StatusModel):
     """Ports currently allocated from this pool, over all its nodes."""
 
 
-class NodePortPool(BaseModel):
+class NodePortPool(ResourceObject):
     """Port ranges Berth hands out on a group of nodes (cluster-scoped).
 
     Nodes no pool selects use the operator's default pool (20000-29999).
     """
 
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
-
-    api_version: str = Field(API_VERSION, alias="apiVersion")
     kind: str = "NodePortPool"
-    metadata: dict[str, Any] = Field(default_factory=dict)
     spec: NodePortPoolSpec
     status: NodePortPoolStatus | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("name", ""))
