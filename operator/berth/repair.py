@@ -14,6 +14,7 @@ metric and an audit line; they are handed to nobody else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from berth.pools import pool_usage
 from berth.view import ClusterView
 
 log = logging.getLogger("berth.repair")
+#: Nodes repaired at once: enough to hide API latency, few enough not to flood it.
+PARALLEL_NODES = 16
 
 
 @dataclass(frozen=True)
@@ -111,28 +114,36 @@ class Repairer:
             node = node_of(pod)
             if node is not None and not is_terminated(pod):
                 live.setdefault(node, []).append(pod)
-        conflicts: list[Conflict] = []
-        dropped = 0
-        for node in sorted(set(ledgers) | set(live)):
-            pods = live.get(node, [])
-            delivered = await self._delivered(node, pods)
-            gone = await self._gone(ledgers.get(node), {p["metadata"]["uid"] for p in pods})
-            if not delivered and not gone and node not in ledgers:
-                continue
-            repair, freed = await self.ledgers.repair(
-                node, delivered, gone, self.view.pool_for(node)
-            )
-            self.allocation.report_repair(node, repair)
-            audit_freed("reclaim", "owner gone", node, freed)
-            self.allocation.forget(holder.uid for holder, _ in freed)
-            for holder, _ in freed:
-                self.on_change(holder.namespace, holder.deployment)
-            dropped += len(freed)
-            conflicts += delivered_conflicts(node, repair.conflicts, delivered)
+        # Nodes are independent (one ledger each): repair several at once.
+        slots = asyncio.Semaphore(PARALLEL_NODES)
+
+        async def repair(node: str) -> tuple[int, list[Conflict]]:
+            async with slots:
+                return await self._repair_node(node, live.get(node, []), ledgers.get(node))
+
+        results = await asyncio.gather(*(repair(n) for n in sorted(set(ledgers) | set(live))))
+        conflicts = [c for _, found in results for c in found]
         conflicts += foreign_conflicts(self.view.foreign_claims(), self.ledgers.cached())
         self._report(conflicts)
+        dropped = sum(n for n, _ in results)
         metrics.RECLAIMED.inc(dropped)
         return dropped
+
+    async def _repair_node(
+        self, node: str, pods: Sequence[Mapping[str, Any]], ledger: NodeLedger | None
+    ) -> tuple[int, list[Conflict]]:
+        """Fold the node's delivered ports into its ledger, drop the gone; one CAS."""
+        delivered = await self._delivered(node, pods)
+        gone = await self._gone(ledger, {p["metadata"]["uid"] for p in pods})
+        if not delivered and not gone and ledger is None:
+            return 0, []
+        repair, freed = await self.ledgers.repair(node, delivered, gone, self.view.pool_for(node))
+        self.allocation.report_repair(node, repair)
+        audit_freed("reclaim", "owner gone", node, freed)
+        self.allocation.forget(holder.uid for holder, _ in freed)
+        for holder, _ in freed:
+            self.on_change(holder.namespace, holder.deployment)
+        return len(freed), delivered_conflicts(node, repair.conflicts, delivered)
 
     def check_foreign(self, node: str) -> None:
         """A pod Berth does not manage changed on ``node``: report new overlaps now."""
