@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from tests.contract import wheels
 
 from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
-from berth.api import InferenceDeploymentSpec
-from berth.engines import PresetError, resolve_role
+from berth.api import InferenceDeploymentSpec, RoleSpec
+from berth.engines import PresetError, parse_version, resolve_role
 from berth.plan import PortPlan, RolePlan, first_global_rank
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +41,11 @@ POD_IP = "10.0.0.1"
 VLLM_VERSIONS = ("0.9.0", "0.9.1", "0.9.2", "0.10.2", "0.11.0", "0.11.1", "0.17.1", "0.18.0")
 VLLM_NEWEST = "0.33.0"
 VLLM_CHECKS = ("nixl", "kv_events", "scan", "dp_rpc")
+SGLANG_VERSIONS = ("0.4.9", "0.5.8", "0.5.22", "0.5.23")
+SGLANG_CHECKS = ("unassigned", "http", "port_args", "dp_controller", "kv_events")
+#: From here SGLang's DP attention is ``--attn-dp-size`` (``--enable-dp-attention``
+#: is left for resolution to translate, which the probe does not run).
+SGLANG_ATTN_DP_SIZE = (0, 5, 22)
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,18 @@ TOPOLOGIES = (
 
 
 @dataclass(frozen=True)
+class Engine:
+    """One preset's engine: the wheel, the versions run and the probe's checks."""
+
+    preset: str
+    dist: str
+    versions: tuple[str, ...]
+    checks: tuple[str, ...]
+    #: What the probe needs besides the common fields (see ``request``).
+    extra: Callable[[Case, RoleSpec, int, dict[str, str]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Case:
     engine: str
     version: str
@@ -79,10 +98,67 @@ class Case:
         return f"{self.engine}-{self.version}-{self.topology.name}"
 
 
+def render(args: list[str], env: dict[str, str]) -> list[str]:
+    """``$(NAME)`` references expanded as the kubelet does (unknown names stay)."""
+    reference = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+    return [reference.sub(lambda m: env.get(m[1], m[0]), a) for a in args]
+
+
+def vllm_extra(case: Case, role: RoleSpec, index: int, env: dict[str, str]) -> dict[str, Any]:
+    return {"kv_base": int(env.get("BERTH_KV_EVENTS_PORT", 0))}
+
+
+def sglang_args(version: str, role: RoleSpec, index: int) -> list[str]:
+    """The args docs/api.md gives for SGLang, for one pod of the role.
+
+    DP means DP attention over ``tp * dp`` GPUs (``--tp-size``); a group that
+    spans pods is one SGLang server over ``--nnodes`` pods, every pod pointing
+    ``--dist-init-addr`` at the leader's block (the group env).
+    """
+    tp, dp = role.tensor_parallel_size, role.data_parallel_size
+    nnodes = dp // role.dp_local
+    spans = nnodes > 1
+    dist = (
+        "$(BERTH_DIST_INIT_ADDRESS):$(BERTH_DIST_INIT_LEADER_PORT)"
+        if spans
+        else "$(POD_IP):$(BERTH_DIST_INIT_PORT)"
+    )
+    kv = '{"publisher":"zmq","endpoint":"tcp://*:$(BERTH_KV_EVENTS_PORT)"}'
+    args = ["--model-path", "m", "--port", "$(BERTH_HTTP_PORT)"]
+    args += ["--nccl-port", "$(BERTH_NCCL_PORT)", "--dist-init-addr", dist]
+    args += ["--tp-size", str(tp * dp), "--kv-events-config", kv]
+    args += ["--disaggregation-bootstrap-port", "$(BERTH_BOOTSTRAP_PORT)"]
+    if dp > 1:
+        new = parse_version(version) >= SGLANG_ATTN_DP_SIZE
+        legacy = ["--dp-size", str(dp), "--enable-dp-attention"]
+        args += ["--attn-dp-size", str(dp)] if new else legacy
+    if spans:
+        args += ["--nnodes", str(nnodes), "--node-rank", str(index % nnodes)]
+    return args
+
+
+def sglang_extra(case: Case, role: RoleSpec, index: int, env: dict[str, str]) -> dict[str, Any]:
+    return {
+        "args": render(sglang_args(case.version, role, index), env),
+        "dp_attention": role.data_parallel_size > 1,
+        "bootstrap": True,
+    }
+
+
+ENGINES: dict[str, Engine] = {
+    e.preset: e
+    for e in (
+        Engine("vllm", "vllm", (*VLLM_VERSIONS, VLLM_NEWEST), VLLM_CHECKS, vllm_extra),
+        Engine("sglang", "sglang", SGLANG_VERSIONS, SGLANG_CHECKS, sglang_extra),
+    )
+}
+
+
 def cases() -> list[Case]:
     return [
-        Case("vllm", version, topology)
-        for version in (*VLLM_VERSIONS, VLLM_NEWEST)
+        Case(engine.preset, version, topology)
+        for engine in ENGINES.values()
+        for version in engine.versions
         for topology in TOPOLOGIES
     ]
 
@@ -138,7 +214,9 @@ def run_probe(engine: str, src: Path, request: dict[str, Any], env: dict[str, st
     try:
         done = subprocess.run(
             [sys.executable, "-m", "tests.contract.probe"],
-            input=json.dumps({"engine": engine, "src": str(src), **request}),
+            input=json.dumps(
+                {"engine": engine, "src": str(src), "pylib": [str(wheels.pylib())], **request}
+            ),
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -160,25 +238,30 @@ def check(case: Case) -> Outcome:
         role = resolve_role(spec, role_spec_)
     except PresetError as error:
         return Outcome("refused", str(error))
-    src = wheels.source(case.engine, case.version)
+    engine = ENGINES[case.engine]
+    src = wheels.source(engine.dist, case.version)
     problems: list[str] = []
-    for index, blocks in enumerate(layout(role, case.topology.replicas)):
+    pods = layout(role, case.topology.replicas)
+    for index, blocks in enumerate(pods):
         first_rank = first_global_rank(role_spec_, index)
         plan = PortPlan(role, first_rank)
         env = plan.env(Assignment(f"pod-{index}", blocks))
         env.update(role.static_env)
-        env.update({name: POD_IP for name in role.bind_address_env})
+        env.update({name: POD_IP for name in (*role.bind_address_env, "POD_IP")})
+        if role.group_env:
+            leader = index - index % (role_spec_.data_parallel_size // role_spec_.dp_local)
+            env.update(plan.group_env(Assignment("leader", pods[leader]), POD_IP))
         request = {
-            "checks": list(VLLM_CHECKS),
+            "checks": list(engine.checks),
             "tp": role_spec_.tensor_parallel_size,
             "dp": role_spec_.data_parallel_size,
             "dp_local": role_spec_.dp_local,
             "first_rank": first_rank,
-            "kv_base": int(env.get("BERTH_KV_EVENTS_PORT", 0)),
             "leader": first_rank == 0,
             "env": env,
+            **engine.extra(case, role_spec_, index, env),
         }
-        answers = run_probe(case.engine, src, request, env)
+        answers = run_probe(engine.dist, src, request, env)
         if answers is None:
             return Outcome("fail", f"pod {index}: the engine's code did not return (hang)")
         problems += [f"pod {index}: {p}" for p in judge(answers, blocks, request)]

@@ -215,17 +215,38 @@ def test_dynamo_vllm_versions() -> None:
         resolve("dynamo-vllm", "0.10.1")
 
 
-@pytest.mark.parametrize(("version", "plus"), [("0.4.9", 8), ("0.5.8", 14), ("0.5.23", 14)])
-def test_sglang(version: str, plus: int) -> None:
+@pytest.mark.parametrize(
+    ("version", "dist_init", "rules"),
+    [
+        ("0.4.9", 8 + 6, ">=0.4.9,<0.5.8"),
+        ("0.5.8", 14, ">=0.5.8,<0.5.18"),
+        ("0.5.23", 8 + 14, ">=0.5.22"),
+    ],
+)
+def test_sglang(version: str, dist_init: int, rules: str) -> None:
+    """dist-init: D..D+5+dp (0.4.9), D..D+13 (0.5.8), + the rust-server ranks (0.5.22)."""
     role = resolve("sglang", version, tensorParallelSize=8, dataParallelSize=8)
+    assert role.rules == rules
     sizes = {b.name: b.size for b in role.blocks}
-    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": 8 + plus, "nccl": 1, "kv-events": 8}
+    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": dist_init, "nccl": 1, "kv-events": 8}
     e = env(role)
     assert e["BERTH_DIST_INIT_PORT"] == ("dist-init", "start", 0)
     assert e["BERTH_NCCL_PORT"] == ("nccl", "start", 0)
     assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
     assert role.bind_address_env == ()
     assert any("--enable-dp-attention" in w for w in role.warnings)
+
+
+def test_sglang_server_spanning_pods_points_every_pod_at_the_leader() -> None:
+    role = resolve(
+        "sglang", tensorParallelSize=2, dataParallelSize=4, dataParallelSizeLocal=2, replicas=2
+    )
+    assert [(g.name, g.source, g.block) for g in role.group_env] == [
+        ("BERTH_DIST_INIT_ADDRESS", "leaderAddress", ""),
+        ("BERTH_DIST_INIT_LEADER_PORT", "leaderBlock", "dist-init"),
+    ]
+    assert any("wait_port_available" in w for w in role.warnings)
+    assert resolve("sglang", tensorParallelSize=2, dataParallelSize=4).group_env == ()
 
 
 def test_sglang_before_nccl_port_is_refused() -> None:

@@ -1,0 +1,5 @@
+CHECKS: dict = {}
+
+
+def install(src):
+    pass
