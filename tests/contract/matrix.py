@@ -16,8 +16,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ POD_IP = "10.0.0.1"
 VLLM_VERSIONS = ("0.9.0", "0.9.1", "0.9.2", "0.10.2", "0.11.0", "0.11.1", "0.17.1", "0.18.0")
 VLLM_NEWEST = "0.33.0"
 VLLM_CHECKS = ("nixl", "kv_events", "scan", "dp_rpc")
+#: ai-dynamo release -> the vLLM it pins (the wheels' Requires-Dist), which is
+#: what ``engine.version`` names for the dynamo-vllm preset.
+DYNAMO_VLLM = {"0.7.1": "0.11.0", "1.6.1": "0.31.0"}
+DYNAMO_CHECKS = ("kv_events", "kv_events_alt", "nixl_env", "fpm")
 SGLANG_VERSIONS = ("0.4.9", "0.5.8", "0.5.22", "0.5.23")
 SGLANG_CHECKS = ("unassigned", "http", "port_args", "dp_controller", "kv_events")
 #: From here SGLang's DP attention is ``--attn-dp-size`` (``--enable-dp-attention``
@@ -85,6 +89,17 @@ class Engine:
     checks: tuple[str, ...]
     #: What the probe needs besides the common fields (see ``request``).
     extra: Callable[[Case, RoleSpec, int, dict[str, str]], dict[str, Any]]
+    #: ``engine.version`` the preset gets, when it is not the wheel's version.
+    preset_versions: Mapping[str, str] = field(default_factory=dict)
+    #: What of the engine's port code is not run, for the table.
+    narrowed: str = "-"
+
+    def preset_version(self, version: str) -> str:
+        return self.preset_versions.get(version, version)
+
+    def label(self, version: str) -> str:
+        inside = self.preset_versions.get(version)
+        return f"{version} (vLLM {inside})" if inside else version
 
 
 @dataclass(frozen=True)
@@ -145,11 +160,42 @@ def sglang_extra(case: Case, role: RoleSpec, index: int, env: dict[str, str]) ->
     }
 
 
+def dynamo_extra(case: Case, role: RoleSpec, index: int, env: dict[str, str]) -> dict[str, Any]:
+    vllm = DYNAMO_VLLM[case.version]
+    return {
+        "kv_endpoint": f"tcp://*:{env['BERTH_KV_EVENTS_PORT']}",
+        "vllm_src": str(wheels.source("vllm", vllm)),
+    }
+
+
 ENGINES: dict[str, Engine] = {
     e.preset: e
     for e in (
-        Engine("vllm", "vllm", (*VLLM_VERSIONS, VLLM_NEWEST), VLLM_CHECKS, vllm_extra),
-        Engine("sglang", "sglang", SGLANG_VERSIONS, SGLANG_CHECKS, sglang_extra),
+        Engine(
+            "vllm",
+            "vllm",
+            (*VLLM_VERSIONS, VLLM_NEWEST),
+            VLLM_CHECKS,
+            vllm_extra,
+            narrowed="dp-rpc in 0.9.0, 0.9.1 (no launch_core_engines there)",
+        ),
+        Engine(
+            "sglang",
+            "sglang",
+            SGLANG_VERSIONS,
+            SGLANG_CHECKS,
+            sglang_extra,
+            narrowed="ServerArgs resolution (model, GPU): checked to write no port field",
+        ),
+        Engine(
+            "dynamo-vllm",
+            "ai-dynamo",
+            tuple(DYNAMO_VLLM),
+            DYNAMO_CHECKS,
+            dynamo_extra,
+            DYNAMO_VLLM,
+            narrowed="Rust runtime env: by name only (third table)",
+        ),
     )
 }
 
@@ -232,13 +278,13 @@ def run_probe(engine: str, src: Path, request: dict[str, Any], env: dict[str, st
 
 
 def check(case: Case) -> Outcome:
-    spec = role_spec(case.engine, case.version, case.topology)
+    engine = ENGINES[case.engine]
+    spec = role_spec(case.engine, engine.preset_version(case.version), case.topology)
     role_spec_ = spec.roles[0]
     try:
         role = resolve_role(spec, role_spec_)
     except PresetError as error:
         return Outcome("refused", str(error))
-    engine = ENGINES[case.engine]
     src = wheels.source(engine.dist, case.version)
     problems: list[str] = []
     pods = layout(role, case.topology.replicas)
@@ -291,21 +337,144 @@ def judge(
                 continue
             if not inside:
                 problems.append(f"{what} binds {port}, outside the pod's blocks")
-            if check_name != "scan":  # get_open_port only probes; listeners must be unique
+            # get_open_port only probes; an *_alt check is another way to configure
+            # the same listener; every other listener must be unique.
+            if check_name != "scan" and not check_name.endswith("_alt"):
                 if port in listeners:
                     problems.append(f"{what} and {listeners[port]} both bind {port}")
                 listeners[port] = what
     return problems
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe of docs/api.md: one custom block, the system's own code fills it."""
+
+    system: str
+    version: str
+    title: str
+    #: The recipe's block size for this case, as docs/api.md states it.
+    size: int
+    request: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f"{self.system}-{self.version}-{self.title}".replace(" ", "-")
+
+
+#: Ray release whose recipe docs/api.md gives, and the vLLM releases it is run with.
+RAY = "2.60.0"
+RAY_VLLM = ("0.10.2", "0.33.0")
+DYNAMO_RANGE = "0.6.1"
+#: docs/api.md's Dynamo range recipe: block size and the shell that derives the max.
+DYNAMO_RANGE_SIZE = 64
+DYNAMO_RANGE_MAX = "echo $((BERTH_DYNAMO_PORT_MIN+63))"
+
+
+#: Env of the dynamo-vllm preset that only Dynamo's Rust runtime reads (the
+#: ai-dynamo-runtime wheel): checked by name in its compiled library.
+DYNAMO_RUST_ENV = ("DYN_SYSTEM_PORT", "DYN_TCP_RPC_PORT")
+
+
+def rust_env(version: str) -> dict[str, bool]:
+    return wheels.binary_names("ai-dynamo-runtime", version, DYNAMO_RUST_ENV)
+
+
+def ray_block(replicas: int, devices: int, dp: bool) -> int:
+    """docs/api.md: replicas x tp*pp ports, one more per replica with Ray's DP."""
+    return replicas * (devices + 1 if dp else devices)
+
+
+def recipes() -> list[Recipe]:
+    found = []
+    for vllm in RAY_VLLM:
+        for dp in (False, True):
+            replicas, tp = 4, 2
+            found.append(
+                Recipe(
+                    "ray",
+                    RAY,
+                    f"vLLM {vllm}, {replicas} replicas x TP {tp}" + (", DP" if dp else ""),
+                    ray_block(replicas, tp, dp),
+                    {"vllm": vllm, "tp": tp, "pp": 1, "ray_replicas": replicas, "ray_dp": dp},
+                )
+            )
+    found.append(
+        Recipe(
+            "ai-dynamo",
+            DYNAMO_RANGE,
+            "--dynamo-port-min/max, 2 DP ranks x TP 4",
+            DYNAMO_RANGE_SIZE,
+            {"tp": 4, "dp_local": 2, "first_rank": 0},
+        )
+    )
+    return found
+
+
+def check_recipe(recipe: Recipe) -> Outcome:
+    """Every port the system's code hands out lies in the recipe's one block."""
+    start = POOL_START + 7  # any start: nothing may depend on alignment
+    span = PortRange(start, start + recipe.size - 1)
+    env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": POD_IP}
+    if recipe.system == "ray":
+        request = {
+            **recipe.request,
+            "checks": ["nixl"],
+            "ray_base": start,
+            "vllm_src": str(wheels.source("vllm", recipe.request["vllm"])),
+        }
+        src = wheels.source("ray", recipe.version, ("ray/llm/",))
+    else:
+        shell = subprocess.run(
+            ["sh", "-c", DYNAMO_RANGE_MAX],
+            env={"BERTH_DYNAMO_PORT_MIN": str(start)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        request = {
+            **recipe.request,
+            "checks": ["port_range"],
+            "dynamo_range": [start, int(shell.stdout)],
+        }
+        src = wheels.source("ai-dynamo", recipe.version)
+    answers = run_probe(recipe.system, src, request, env)
+    if answers is None:
+        return Outcome("fail", "the code did not return (hang)")
+    problems = [f"{c}: {a['error']}" for c, a in answers.items() if "error" in a]
+    ports = [(w, p) for a in answers.values() for w, p in a.get("ports", [])]
+    problems += [f"{w} binds {p}, outside {span}" for w, p in ports if p is None or p not in span]
+    if not ports:
+        problems.append("no port reported")
+    return Outcome("fail", "; ".join(problems)) if problems else Outcome("pass")
+
+
 def table(outcomes: dict[str, Outcome]) -> str:
     """The markdown table of docs/api.md, from every case's outcome."""
-    head = "| engine | version | " + " | ".join(t.title for t in TOPOLOGIES) + " |"
-    lines = [head, "|" + " --- |" * (2 + len(TOPOLOGIES))]
+    head = "| engine | version | " + " | ".join(t.title for t in TOPOLOGIES) + " | not run |"
+    lines = [head, "|" + " --- |" * (3 + len(TOPOLOGIES))]
     versions = dict.fromkeys((c.engine, c.version) for c in cases())
     for engine, version in versions:
         cells = [outcomes[Case(engine, version, t).id].cell() for t in TOPOLOGIES]
-        lines.append(f"| {engine} | {version} | " + " | ".join(cells) + " |")
+        label = ENGINES[engine].label(version)
+        narrowed = ENGINES[engine].narrowed
+        lines.append(f"| {engine} | {label} | " + " | ".join(cells) + f" | {narrowed} |")
+    lines += ["", "| recipe | version | case | block | result |", "| --- | --- | --- | --- | --- |"]
+    for recipe in recipes():
+        cell = outcomes[recipe.id].cell()
+        lines.append(
+            f"| {recipe.system} | {recipe.version} | {recipe.title} | {recipe.size} | {cell} |"
+        )
+    lines += ["", "| engine | version | env read by compiled code only | found by name |"]
+    lines.append("| --- | --- | --- | --- |")
+    for version in DYNAMO_VLLM:
+        names = rust_env(version)
+        found = (
+            "yes"
+            if all(names.values())
+            else "**MISSING** " + ", ".join(n for n, ok in names.items() if not ok)
+        )
+        lines.append(f"| dynamo-vllm | {version} | {', '.join(names)} | {found} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,7 +492,7 @@ def write_table(rendered: str) -> None:
 
 def main(argv: list[str]) -> int:
     """``--write-table``: run every case and rewrite the table in docs/api.md."""
-    outcomes = {c.id: check(c) for c in cases()}
+    outcomes = {c.id: check(c) for c in cases()} | {r.id: check_recipe(r) for r in recipes()}
     for case_id, outcome in outcomes.items():
         print(f"{case_id}: {outcome.status} {outcome.detail}")
     if "--write-table" in argv:

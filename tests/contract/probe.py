@@ -278,8 +278,8 @@ def vllm_dp_rpc(src: Path, req: dict[str, Any]) -> Found:
     return [("dp-rpc handshake", port_of(address))]
 
 
-INSTALL: dict[str, Callable[[Path], None]] = {
-    "vllm": install_vllm,
+INSTALL: dict[str, Callable[[Path, dict[str, Any]], None]] = {
+    "vllm": lambda src, req: install_vllm(src),
     "sglang": probe_sglang.install,
     "ai-dynamo": probe_dynamo.install,
     "ray": probe_ray.install,
@@ -300,7 +300,7 @@ def main() -> None:
     req = json.load(sys.stdin)
     src = Path(req["src"])
     sys.path[:0] = [str(src), *req.get("pylib", [])]
-    INSTALL[req["engine"]](src)
+    INSTALL[req["engine"]](src, req)
     answers: dict[str, Any] = {}
     for check in req["checks"]:
         try:

@@ -47,7 +47,7 @@ def _exists(src: Path, module: str) -> bool:
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
-def install(src: Path) -> None:
+def install(src: Path, req: dict[str, Any]) -> None:
     """Declare SGLang's pure port modules real; everything else is a stub."""
     helpers = (
         ["sglang.srt.utils"]  # 0.4.9: one utils.py

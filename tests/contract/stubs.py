@@ -140,7 +140,8 @@ class _Finder(importlib.abc.MetaPathFinder):
             if fullname in self.real or any(
                 r.endswith(".") and fullname.startswith(r) for r in self.real
             ):
-                return None  # the engine's own file, imported as usual
+                # The engine's own file, found here so that no later finder stubs it.
+                return importlib.machinery.PathFinder.find_spec(fullname, path)
             if any(r.startswith(fullname + ".") for r in self.real):
                 return _bare_package(fullname, path)
         elif top in sys.stdlib_module_names or top in self.allow:

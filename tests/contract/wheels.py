@@ -9,6 +9,7 @@ later calls reuse the sources.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,31 @@ def pylib() -> Path:
             )
             done.touch()
     return dest
+
+
+def binary_names(dist: str, version: str, names: tuple[str, ...]) -> dict[str, bool]:
+    """Which of ``names`` occur in the compiled libraries of ``dist==version``.
+
+    For env vars read only by compiled code (Dynamo's Rust runtime): their
+    presence by name is all the suite can check. Cached as JSON; the wheel is
+    dropped.
+    """
+    dest = CACHE / "names" / f"{dist}-{version}.json"
+    if dest.exists():
+        known: dict[str, bool] = json.loads(dest.read_text())
+        if set(names) <= set(known):
+            return {n: known[n] for n in names}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = _wheel(dist, version)
+        found = dict.fromkeys(names, False)
+        with zipfile.ZipFile(path) as wheel:
+            for member in wheel.namelist():
+                if member.endswith(".so") or ".so." in member:
+                    data = wheel.read(member)
+                    found.update({n: True for n in names if n.encode() in data})
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(found))
+        path.unlink()
+    return found
