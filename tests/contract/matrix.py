@@ -91,8 +91,8 @@ class Engine:
     extra: Callable[[Case, RoleSpec, int, dict[str, str]], dict[str, Any]]
     #: ``engine.version`` the preset gets, when it is not the wheel's version.
     preset_versions: Mapping[str, str] = field(default_factory=dict)
-    #: What of the engine's port code is not run, for the table.
-    narrowed: str = "-"
+    #: What of the engine's port code is not run, for the table (by version).
+    narrowed: Callable[[str], str] = lambda version: "-"
 
     def preset_version(self, version: str) -> str:
         return self.preset_versions.get(version, version)
@@ -177,7 +177,9 @@ ENGINES: dict[str, Engine] = {
             (*VLLM_VERSIONS, VLLM_NEWEST),
             VLLM_CHECKS,
             vllm_extra,
-            narrowed="dp-rpc in 0.9.0, 0.9.1 (no launch_core_engines there)",
+            narrowed=lambda v: (
+                "dp-rpc: no launch_core_engines" if parse_version(v) < (0, 9, 2) else "-"
+            ),
         ),
         Engine(
             "sglang",
@@ -185,7 +187,7 @@ ENGINES: dict[str, Engine] = {
             SGLANG_VERSIONS,
             SGLANG_CHECKS,
             sglang_extra,
-            narrowed="ServerArgs resolution (model, GPU): checked to write no port field",
+            narrowed=lambda v: "ServerArgs resolution (model, GPU): writes no port field",
         ),
         Engine(
             "dynamo-vllm",
@@ -194,7 +196,7 @@ ENGINES: dict[str, Engine] = {
             DYNAMO_CHECKS,
             dynamo_extra,
             DYNAMO_VLLM,
-            narrowed="Rust runtime env: by name only (third table)",
+            narrowed=lambda v: "Rust runtime env: by name (third table)",
         ),
     )
 }
@@ -255,7 +257,9 @@ def ephemeral_floor() -> int:
         return 32768
 
 
-def run_probe(engine: str, src: Path, request: dict[str, Any], env: dict[str, str]) -> Any:
+def run_probe(
+    engine: str, src: Path, request: dict[str, Any], env: dict[str, str], timeout: float = TIMEOUT
+) -> Any:
     """Run the probe; ``None`` means it did not return within the time-out (a hang)."""
     try:
         done = subprocess.run(
@@ -267,7 +271,7 @@ def run_probe(engine: str, src: Path, request: dict[str, Any], env: dict[str, st
             text=True,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'operator'}", **env},
-            timeout=TIMEOUT,
+            timeout=timeout,
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -457,7 +461,7 @@ def table(outcomes: dict[str, Outcome]) -> str:
     for engine, version in versions:
         cells = [outcomes[Case(engine, version, t).id].cell() for t in TOPOLOGIES]
         label = ENGINES[engine].label(version)
-        narrowed = ENGINES[engine].narrowed
+        narrowed = ENGINES[engine].narrowed(version)
         lines.append(f"| {engine} | {label} | " + " | ".join(cells) + f" | {narrowed} |")
     lines += ["", "| recipe | version | case | block | result |", "| --- | --- | --- | --- | --- |"]
     for recipe in recipes():

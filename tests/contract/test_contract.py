@@ -77,7 +77,8 @@ def test_vllm_port_with_data_parallel_hangs_before_0_18(version: str, returns: b
     """Why the preset never sets VLLM_PORT with DP: get_open_ports_list(5) spins."""
     src = wheels.source("vllm", version)
     request = {"checks": ["scan"], "tp": 1, "dp": 4, "dp_local": 4, "first_rank": 0}
-    answer = matrix.run_probe("vllm", src, request, {"VLLM_PORT": "24000"})
+    # The probe returns in about a second; 10 s without an answer is a hang.
+    answer = matrix.run_probe("vllm", src, request, {"VLLM_PORT": "24000"}, timeout=10)
     assert (answer is not None) == returns
     if answer is not None:
         ports = [port for _, port in answer["scan"]["ports"]]
@@ -88,3 +89,23 @@ def test_vllm_port_with_data_parallel_hangs_before_0_18(version: str, returns: b
 def test_vllm_0_9_0_refused_with_several_dp_engines_per_pod() -> None:
     outcome = matrix.check(matrix.Case("vllm", "0.9.0", matrix.TOPOLOGIES[1]))
     assert outcome.status == "refused" and "0.9.1" in outcome.detail
+
+
+@pytest.mark.parametrize(
+    ("version", "low", "high"), [("0.5.8", 20100, 21999), ("0.5.22", 22000, 29999)]
+)
+def test_sglang_nccl_port_default_lands_in_the_pool(version: str, low: int, high: int) -> None:
+    """Why the preset pins --nccl-port: unset, SGLang picks one inside 20000-29999."""
+    src = wheels.source("sglang", version)
+    request = {
+        "checks": ["port_args"],
+        "args": ["--model-path", "m", "--port", "20000"],
+        "dp": 1,
+        "dp_local": 1,
+        "first_rank": 0,
+        "leader": True,
+        "dp_attention": False,
+    }
+    answer = matrix.run_probe("sglang", src, request, {})
+    [(what, port)] = answer["port_args"]["ports"]
+    assert what == "nccl" and low <= port <= high
