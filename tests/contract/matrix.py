@@ -43,7 +43,7 @@ VLLM_NEWEST = "0.33.0"
 VLLM_CHECKS = ("nixl", "kv_events", "scan", "dp_rpc")
 #: ai-dynamo release -> the vLLM it pins (the wheels' Requires-Dist), which is
 #: what ``engine.version`` names for the dynamo-vllm preset.
-DYNAMO_VLLM = {"0.7.1": "0.11.0", "1.6.1": "0.31.0"}
+DYNAMO_VLLM = {"0.7.1": "0.11.0", "1.0.0": "0.16.0", "1.6.1": "0.31.0"}
 DYNAMO_CHECKS = ("kv_events", "kv_events_alt", "nixl_env", "fpm")
 SGLANG_VERSIONS = ("0.4.9", "0.5.8", "0.5.22", "0.5.23")
 SGLANG_CHECKS = ("unassigned", "http", "port_args", "dp_controller", "kv_events")

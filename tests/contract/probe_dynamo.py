@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import inspect
 import os
 import sys
 import types
@@ -77,11 +78,13 @@ def _kv_events(src: Path, req: dict[str, Any], user_config: bool) -> Found:
             kv_events_config=given,
             data_parallel_rank=rank,
         )
-        config = types.SimpleNamespace(engine_args=engine, is_decode_worker=False)
-        try:
-            made = args.create_kv_events_config(config)
-        except AttributeError:  # 1.x takes the engine args
-            made = args.create_kv_events_config(engine)
+        config = types.SimpleNamespace(
+            engine_args=engine, is_decode_worker=False, disaggregation_mode="agg"
+        )
+        # 0.7: (config); 1.0: (dynamo_config, engine_config); 1.1+: (engine_config)
+        by_name = {"config": config, "dynamo_config": config, "engine_config": engine}
+        params = inspect.signature(args.create_kv_events_config).parameters
+        made = args.create_kv_events_config(*[by_name[name] for name in params])
         if made is None:
             if given is None:
                 return []  # 1.x builds no default config any more

@@ -191,19 +191,35 @@ def test_unparseable_version_is_a_preset_error() -> None:
 
 
 def test_dynamo_vllm() -> None:
+    """Dynamo >= 1.1 (vLLM >= 0.19): forward-pass metrics, no DYN_VLLM_KV_EVENT_PORT."""
     role = resolve("dynamo-vllm", tensorParallelSize=2, dataParallelSize=2)
+    assert role.rules == ">=0.19.0"
     assert [b.name for b in role.blocks] == ["system", "request", "nixl", "kv-events", "fpm"]
     e = env(role)
     assert e["DYN_SYSTEM_PORT"] == ("system", "start", 0)
     assert e["DYN_TCP_RPC_PORT"] == ("request", "start", 0)
-    # Both KV-events conventions point into the same block.
     assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
-    assert e["DYN_VLLM_KV_EVENT_PORT"] == ("kv-events", "start", 0)
+    assert "DYN_VLLM_KV_EVENT_PORT" not in e  # Dynamo 1.1+ reads no such env
     # Forward-pass metrics: base + global DP rank, default 20380 (inside the pool).
     assert e["DYN_FORWARDPASS_METRIC_PORT"] == ("fpm", "rankBase", 1)
     assert "BERTH_HTTP_PORT" not in e  # the Dynamo frontend serves HTTP, not the worker
     assert role.static_env == {"DYN_SYSTEM_ENABLED": "true"}
     assert role.bind_address_env == ("VLLM_NIXL_SIDE_CHANNEL_HOST",)
+    assert not any("DYN_VLLM_KV_EVENT_PORT" in w for w in role.warnings)
+
+
+@pytest.mark.parametrize(
+    ("version", "rules"), [("0.11.0", ">=0.11.0,<0.11.1"), ("0.16.0", ">=0.11.1,<0.19.0")]
+)
+def test_dynamo_vllm_before_1_1(version: str, rules: str) -> None:
+    """Dynamo 0.7-1.0: KV events from DYN_VLLM_KV_EVENT_PORT too, no forward-pass metrics."""
+    role = resolve("dynamo-vllm", version, tensorParallelSize=2, dataParallelSize=2)
+    assert role.rules == rules
+    assert [b.name for b in role.blocks] == ["system", "request", "nixl", "kv-events"]
+    e = env(role)
+    # Both KV-events conventions point into the same block.
+    assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
+    assert e["DYN_VLLM_KV_EVENT_PORT"] == ("kv-events", "start", 0)
     assert any("DYN_VLLM_KV_EVENT_PORT" in w for w in role.warnings)
 
 
@@ -524,7 +540,8 @@ def test_every_rank_binds_inside_its_pods_blocks(
         if per_engine:
             assert len(vllm_nixl_ports(0, tp, ranks, True)) == assigned["nixl"].size
     inside(kv_events_ports(values["BERTH_KV_EVENTS_PORT"], ranks), "kv-events")
-    if preset == "dynamo-vllm" and dp_local == 1:  # more: a warning, see test_dynamo_vllm
+    # Dynamo < 1.1 only; more than one rank per pod: a warning (test_dynamo_vllm_before_1_1)
+    if preset == "dynamo-vllm" and dp_local == 1 and "DYN_VLLM_KV_EVENT_PORT" in values:
         inside(dynamo_kv_ports(values["DYN_VLLM_KV_EVENT_PORT"], ranks), "kv-events")
     for name, (block_name, value, _) in env(role).items():
         if value == "start":
