@@ -121,7 +121,9 @@ class Repairer:
             async with slots:
                 return await self._repair_node(node, live.get(node, []), ledgers.get(node))
 
-        results = await asyncio.gather(*(repair(n) for n in sorted(set(ledgers) | set(live))))
+        nodes = sorted(set(ledgers) | {n for n in live if self.view.node_uid(n) is not None})
+        log.info("repairing the ledgers of %d nodes", len(nodes))
+        results = await asyncio.gather(*(repair(n) for n in nodes))
         conflicts = [c for _, found in results for c in found]
         conflicts += foreign_conflicts(self.view.foreign_claims(), self.ledgers.cached())
         self._report(conflicts)

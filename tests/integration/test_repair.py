@@ -33,6 +33,7 @@ Body = dict[str, Any]
 #: pod uid -> (pod name, node, block name -> "first-last")
 Delivered = dict[str, tuple[str, str, dict[str, str]]]
 FAST_SWEEP = {"BERTH_SWEEP_INTERVAL": "2"}
+REPAIR_STARTS = "repairing the ledgers of"
 
 
 def span(text: str) -> range:
@@ -218,15 +219,15 @@ def test_the_operators_namespace_deleted_and_reinstalled(
 def test_sigkill_in_the_middle_of_a_repair(
     cluster: Any, operator: OperatorProcess, namespace: str
 ) -> None:
-    """Every ledger deleted, then the operator killed as soon as the start-up repair
-    has written its first node: the next start must finish the job."""
+    """Every ledger deleted, then the operator killed as the start-up repair begins
+    or a few milliseconds into it: the next start must finish the job."""
     apply_deployment(cluster, namespace, custom_deployment("spread", 16))
     wait_for(lambda: all_allocated(cluster, namespace, "spread", 16), timeout=90, what="alloc")
     before = delivered(cluster, namespace)
     nodes = sorted({node for _, node, _ in before.values()})
     assert len(nodes) > 1, "the repair must span several nodes to be cut in the middle"
     cut = 0
-    for _ in range(5):
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.04):
         operator.kill()
         for node in nodes:
             cluster.kubectl(
@@ -237,16 +238,16 @@ def test_sigkill_in_the_middle_of_a_repair(
                 OPERATOR_NAMESPACE,
                 check=False,
             )
-        seen = sum(1 for line in audit_lines(operator.log) if line["audit"] == "repair")
+        seen = operator.log.read_text().count(REPAIR_STARTS)
         operator.start()
+        # Kill as the start-up repair begins, or a few milliseconds into it.
         wait_for(
-            lambda seen=seen: (
-                sum(1 for line in audit_lines(operator.log) if line["audit"] == "repair") > seen
-            ),
+            lambda seen=seen: operator.log.read_text().count(REPAIR_STARTS) > seen,
             timeout=30,
             interval=0.001,
             what="the repair to start",
         )
+        time.sleep(delay)
         operator.kill()
         cut += not all(ledger_agrees(cluster, node, before) for node in nodes)
     assert cut >= 1, "no kill landed before the repair had finished"
