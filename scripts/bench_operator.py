@@ -377,7 +377,8 @@ def create_pods(
     def one(i: int) -> None:
         started[names[i]] = time.monotonic()
         body = bare_pod(names[i], nodes[i % len(nodes)])
-        core.create_namespaced_pod(NAMESPACE, body)  # type: ignore[arg-type]
+        # Raw response: deserialising it would cost this process time the watches need.
+        core.create_namespaced_pod(NAMESPACE, body, _preload_content=False)  # type: ignore[arg-type]
 
     begin = time.monotonic()
     futures: list[Future[None]] = []

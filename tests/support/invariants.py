@@ -400,7 +400,9 @@ class ClusterState:
         delivered: dict[str, dict[str, tuple[Body, dict[str, Span]]]] = defaultdict(dict)
         for pod in self.pods.values():
             annotations = pod["metadata"].get("annotations") or {}
-            if is_berth(pod) and self.live(pod) and PORTS_ANNOTATION in annotations:
+            # Bound to a deleted node still counts: the pod object (and its
+            # processes, if the machine lives) is there until the pod GC acts.
+            if is_berth(pod) and is_live(pod) and PORTS_ANNOTATION in annotations:
                 try:
                     blocks = parse_ports_annotation(annotations[PORTS_ANNOTATION])
                 except ValueError:
@@ -433,11 +435,15 @@ class ClusterState:
                     if uid not in ledger.entries:
                         problems.append(f"ledger {ledger.node} lacks {pod_label(pod)}")
         if strict:
-            for node in set(delivered) - ledger_nodes:
+            for node in set(delivered) - ledger_nodes - self._deleted_nodes(delivered):
                 problems.append(
                     f"no ledger for {node}, where {len(delivered[node])} pods hold ports"
                 )
         return problems
+
+    def _deleted_nodes(self, nodes: Iterable[str]) -> set[str]:
+        """Nodes known to be gone: their ledgers go with them (owner references)."""
+        return set() if self.node_names is None else set(nodes) - self.node_names
 
 
 def _overlap(a: Span, b: Span) -> bool:
