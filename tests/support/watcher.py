@@ -149,7 +149,8 @@ class ClusterWatcher:
 
     def __exit__(self, kind: object, *_: object) -> None:
         try:
-            self.drain()
+            if kind is None:  # a failing test's own error says more than a lagging checker
+                self.drain()
         finally:
             self.stopping.set()
             with self._lock:
