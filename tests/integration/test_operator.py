@@ -108,7 +108,8 @@ def test_example_in_two_namespaces_gets_disjoint_ports_inside_each_pool(
         apply_deployment(cluster, second, manifest)
         want = expected_pods(manifest)
         wait_for(lambda: all_allocated(cluster, second, name, want), timeout=90, what="2nd ns")
-        state = check_cluster(cluster)  # I1-I2 and the ledgers, across namespaces sharing nodes
+        wait_consistent(cluster, timeout=30)  # I1, I2 and the ledgers, across namespaces
+        state = check_cluster(cluster)
         pods = pods_of(cluster, namespace, name) + pods_of(cluster, second, name)
         nodes_first = {p["spec"]["nodeName"] for p in pods_of(cluster, namespace, name)}
         nodes_second = {p["spec"]["nodeName"] for p in pods_of(cluster, second, name)}
@@ -465,7 +466,7 @@ def test_ports_declared_by_other_pods_are_never_handed_out(
         ports = json.loads(pod["metadata"]["annotations"]["berth.dev/ports"])
         start, _ = parse_span(ports["http"])
         assert start > 26000, ports
-        check_cluster(cluster)  # I1 counts the foreign pod's host port
+        check_cluster(cluster, quiet=False)  # I1 counts the foreign pod's host port
     finally:
         cluster.kubectl("delete", "nodeportpool", "foreign", check=False)
 
