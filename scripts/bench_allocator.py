@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
-from berth.allocator import BlockRequest, NodePool, PortRange
+from berth.allocator import Allocator, BlockRequest, PortRange
 
 POOL = [PortRange(20000, 32767)]
 OWNERS = (8, 16, 32, 64, 256)
@@ -58,7 +58,7 @@ def churn(
     rng = random.Random(live)
     best = 0.0
     for _ in range(3):
-        pool = NodePool(POOL)
+        pool = Allocator(POOL)
         owners = [f"owner-{i}" for i in range(live)]
         for i, owner in enumerate(owners):
             pool.allocate(owner, shapes[i % len(shapes)], avoid)
@@ -86,12 +86,12 @@ def churn(
 
 def encoded_size(count: int) -> tuple[int, int, int]:
     """Bytes of the ConfigMap ``data`` (JSON) for ``count`` pods with UID keys."""
-    pool = NodePool(POOL)
+    pool = Allocator(POOL)
     for i in range(count):
         pool.allocate(str(uuid.UUID(int=i + 1)), PODS[i % 4])
     data = pool.encode()
     body = json.dumps({"data": data}, separators=(",", ":"))
-    rebuilt = NodePool.decode(POOL, (), data)
+    rebuilt = Allocator.decode(POOL, (), data)
     assert rebuilt == pool
     return len(body.encode()), pool.size - pool.free, max(len(v) for v in data.values())
 

@@ -465,8 +465,9 @@ def prepare_cluster(kubeconfig: str) -> list[str]:
     return sorted(kwok or [n["metadata"]["name"] for n in items])
 
 
-def localcluster(*args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "hack" / "localcluster.py"), *args], check=True)
+def testbed(*args: str) -> None:
+    """The local control plane (``python -m testbed``): kwok nodes only, no real node."""
+    subprocess.run([sys.executable, "-m", "testbed", *args], check=True, cwd=ROOT)
 
 
 def main() -> None:
@@ -489,7 +490,7 @@ def main() -> None:
     kubeconfig = args.kubeconfig
     if not kubeconfig:
         print(f"starting a local control plane with {args.nodes} kwok nodes in {workdir}")
-        localcluster("up", "--dir", cluster_dir, "--nodes", str(args.nodes))
+        testbed("up", "--dir", cluster_dir, "--nodes", str(args.nodes), "--real-nodes", "0")
         kubeconfig = f"{cluster_dir}/kubeconfig"
     nodes = prepare_cluster(kubeconfig)
     operator = OperatorProcess(
@@ -523,7 +524,7 @@ def main() -> None:
         clock.stop()
         operator.stop()
         if not args.kubeconfig:
-            localcluster("down", "--dir", cluster_dir)
+            testbed("down", "--dir", cluster_dir)
     print(f"\noperator log: {workdir / 'operator.log'}")
 
 

@@ -13,7 +13,7 @@ from berth.logs import configure_logging
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="berth", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m berth", description=__doc__)
     parser.add_argument(
         "--liveness",
         default=os.environ.get("BERTH_LIVENESS", ""),

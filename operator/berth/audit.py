@@ -1,4 +1,4 @@
-"""The range audit: one JSON line per allocate, release, reclaim or exhaustion.
+"""The range audit: one JSON line per allocate, release, reclaim, exhaustion, repair or conflict.
 
 Lines go to the ``berth.audit`` logger as ready-made JSON so that any log
 pipeline can replay them; ``tests`` rebuild the final ledger from them.
@@ -16,7 +16,7 @@ from typing import Literal
 from berth.allocator.ranges import PortRange
 from berth.ledger.records import Holder
 
-Action = Literal["allocate", "release", "reclaim", "exhausted"]
+Action = Literal["allocate", "release", "reclaim", "exhausted", "repair", "conflict"]
 
 logger = logging.getLogger("berth.audit")
 

@@ -1,7 +1,8 @@
 """Run a keyed async job at most once at a time, folding bursts of requests.
 
 Fifty pod events for one deployment within a few milliseconds become one or
-two reconciles of it: the ``<2 writes per allocation`` budget depends on it.
+two reconciles of it, so the port map and status cost a few writes per
+burst rather than one each per pod.
 """
 
 from __future__ import annotations

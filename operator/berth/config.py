@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from berth.allocator.ranges import PortRange
+from berth.pools import Pool
 
 
 def _ranges(text: str) -> tuple[PortRange, ...]:
@@ -17,6 +18,8 @@ class OperatorConfig:
     """Everything an operator process needs to know that is not in the cluster."""
 
     namespace: str = "berth-system"
+    #: Below the NodePort range (30000-32767) and Linux's default ephemeral
+    #: range (32768-60999): no outgoing connection takes these ports.
     default_ranges: tuple[PortRange, ...] = (PortRange(20000, 29999),)
     default_reserved: tuple[PortRange, ...] = ()
     sweep_interval: float = 60.0
@@ -25,12 +28,19 @@ class OperatorConfig:
     log_level: str = "info"
     log_format: str = "text"
 
+    @property
+    def default_pool(self) -> Pool:
+        """Nodes no NodePortPool selects draw from this one."""
+        return Pool("default", self.default_ranges, self.default_reserved)
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
         env = dict(os.environ) if env is None else env
         return cls(
             namespace=env.get("BERTH_NAMESPACE", cls.namespace),
-            default_ranges=_ranges(env.get("BERTH_DEFAULT_POOL", "20000-29999")),
+            default_ranges=_ranges(env["BERTH_DEFAULT_POOL"])
+            if env.get("BERTH_DEFAULT_POOL")
+            else cls.default_ranges,
             default_reserved=_ranges(env.get("BERTH_DEFAULT_RESERVED", "")),
             sweep_interval=float(env.get("BERTH_SWEEP_INTERVAL", cls.sweep_interval)),
             metrics_port=int(env.get("BERTH_METRICS_PORT", cls.metrics_port)),

@@ -12,17 +12,25 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from berth import kube
-from berth.kube import Kube, KubeError
+from berth.kube import KubeApi, KubeError
 
 log = logging.getLogger("berth.events")
 COMPONENT = "berth"
 
 
+class EventSink(Protocol):
+    """Posts an Event about ``body``; never fails its caller."""
+
+    def __call__(
+        self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+    ) -> None: ...
+
+
 class EventPoster:
-    def __init__(self, client: Kube) -> None:
+    def __init__(self, client: KubeApi) -> None:
         self._client = client
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -62,6 +70,3 @@ class EventPoster:
             log.info(
                 "event %s for %s/%s not posted: %s", reason, meta["namespace"], meta["name"], error
             )
-
-    async def close(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -24,7 +24,6 @@ from berth import metrics
 Body = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 
 
 class KubeError(Exception):
@@ -80,6 +79,20 @@ def resource_of(url: str) -> str:
     if rest[:1] == ["namespaces"] and len(rest) > 2:
         rest = rest[2:]
     return "/".join(rest[:1] + rest[2:3])
+
+
+class KubeApi(Protocol):
+    """The calls Berth's services make; :class:`Kube` speaks them to an API server,
+    the unit tests' fake keeps objects in a dict."""
+
+    async def get_or_none(self, url: str) -> Body | None: ...
+    async def list(self, url: str, label_selector: str | None = None) -> list[Body]: ...
+    def iterate(self, url: str, label_selector: str | None = None) -> AsyncIterator[Body]: ...
+    async def create(self, url: str, body: Body) -> Body: ...
+    async def replace(self, url: str, body: Body) -> Body: ...
+    async def merge_patch(self, url: str, patch: Body) -> Body: ...
+    async def delete(self, url: str, body: Body | None = None) -> bool: ...
+    async def close(self) -> None: ...
 
 
 class Kube:

@@ -26,3 +26,12 @@ LEDGER_CONFLICTS = Counter(
     "berth_ledger_conflicts_total",
     "Ledger writes refused by compare-and-swap (another writer got there first) and redone",
 )
+REPAIRS = Counter(
+    "berth_repairs_total",
+    "Ledger entries changed to agree with the ports live pods were delivered",
+)
+PORT_CONFLICTS = Gauge(
+    "berth_port_conflicts",
+    "Ports claimed twice on a node now: two delivered assignments, or a delivered "
+    "block and another pod's host port",
+)

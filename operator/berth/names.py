@@ -16,8 +16,9 @@ LABEL_INDEX = f"{GROUP}/index"
 LABEL_LEDGER = f"{GROUP}/ledger"
 ANNOTATION_PORT_PLAN = f"{GROUP}/port-plan"
 ANNOTATION_PORTS = f"{GROUP}/ports"
-ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
 ANNOTATION_LEDGER_NODE = f"{GROUP}/node"
+#: On pods of a DP group that spans pods: the pod holding the group's rank 0.
+ANNOTATION_GROUP_LEADER = f"{GROUP}/group-leader"
 
 FINALIZER = f"{GROUP}/finalizer"
 LEDGER_PREFIX = "berth-ledger."

@@ -20,6 +20,7 @@ from berth.api import RoleSpec
 from berth.names import ANNOTATION_PORT_PLAN
 
 EnvValue = Literal["start", "rankBase"]
+GroupSource = Literal["leaderAddress", "leaderBlock", "firstRank"]
 
 
 class PlanError(ValueError):
@@ -56,6 +57,22 @@ class PlanBlock:
 
 
 @dataclass(frozen=True)
+class GroupEnv:
+    """Env a pod of a DP group that spans pods takes from its group.
+
+    ``leaderAddress``: the address of the group's leader (the pod holding rank
+    0: ``status.hostIP`` with hostNetwork, else ``status.podIP``);
+    ``leaderBlock``: the first port of the leader's block ``block``;
+    ``firstRank``: the pod's own first global DP rank. The leader gets its own
+    values, so one set of args serves every pod of the role.
+    """
+
+    name: str
+    source: GroupSource
+    block: str = ""
+
+
+@dataclass(frozen=True)
 class RolePlan:
     """The port side of every pod of one role: blocks, bind-address and fixed env."""
 
@@ -68,6 +85,10 @@ class RolePlan:
     #: the rule set applied, e.g. ``>=0.11.1``.
     preset: str = field(default="custom", compare=False)
     rules: str = field(default="", compare=False)
+    #: Env the operator fills from the pod's DP group (multi-pod groups only).
+    group_env: tuple[GroupEnv, ...] = ()
+    #: Ports the preset cannot pin, for the deployment's status (not frozen).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 def first_global_rank(role: RoleSpec, pod_index: int) -> int:
@@ -112,6 +133,24 @@ class PortPlan:
                 env[binding.name] = str(port)
         return env
 
+    def group_env_names(self) -> list[str]:
+        return [g.name for g in self.role.group_env]
+
+    def group_env(self, leader: Assignment, leader_address: str) -> dict[str, str]:
+        """The group env of this pod, given its group leader's assignment and address."""
+        env: dict[str, str] = {}
+        for group in self.role.group_env:
+            if group.source == "leaderAddress":
+                env[group.name] = leader_address
+            elif group.source == "firstRank":
+                env[group.name] = str(self.first_rank)
+            else:
+                span = leader.blocks.get(group.block)
+                if span is None:
+                    raise PlanError(f"the group leader has no block {group.block!r}")
+                env[group.name] = str(span.start)
+        return env
+
     def encode(self) -> str:
         blocks = [
             {
@@ -122,7 +161,10 @@ class PortPlan:
             }
             for b in self.role.blocks
         ]
-        return json.dumps({"firstRank": self.first_rank, "blocks": blocks}, separators=(",", ":"))
+        data: dict[str, Any] = {"firstRank": self.first_rank, "blocks": blocks}
+        if self.role.group_env:  # absent from older pods' plans, which decode as before
+            data["groupEnv"] = [[g.name, g.source, g.block] for g in self.role.group_env]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str) -> PortPlan:
@@ -137,7 +179,8 @@ class PortPlan:
                 )
                 for b in data["blocks"]
             )
-            return cls(RolePlan(blocks=blocks), int(data["firstRank"]))
+            group = tuple(GroupEnv(n, s, b) for n, s, b in data.get("groupEnv", ()))
+            return cls(RolePlan(blocks=blocks, group_env=group), int(data["firstRank"]))
         except (ValueError, KeyError, TypeError) as error:
             raise PlanError(f"unreadable {ANNOTATION_PORT_PLAN} annotation: {error}") from error
 

@@ -89,6 +89,10 @@ def _role(doc: Doc) -> Doc:
     return role
 
 
+def _block(name: str, env: str) -> Doc:
+    return {"name": name, "size": 1, "env": [{"name": env}]}
+
+
 def _container(doc: Doc) -> Doc:
     container: Doc = _role(doc)["template"]["spec"]["containers"][0]
     return container
@@ -302,6 +306,70 @@ INVALID: list[Case] = [
         ("metadata.name must be at most 40 characters",),
         "metadata.name must be at most 40 characters",
     ),
+    # ------------------------- rules across spec.ports, role ports and engine
+    Case(
+        "env-twice-across-blocks",
+        _d(lambda d: d["spec"].update(ports=[_block("a", "P"), _block("b", "P")])),
+        ("spec.ports", "an env var is set twice in a role"),
+        "an env var is set twice in a role",
+    ),
+    Case(
+        "env-twice-spec-and-role",
+        _d(
+            lambda d: (
+                d["spec"].update(ports=[_block("a", "P")]),
+                _role(d).update(ports=[_block("b", "P")]),
+            )
+        ),
+        ("spec.roles", "an env var is set twice in a role"),
+        "an env var is set twice in a role",
+    ),
+    Case(
+        "env-is-a-bind-address",
+        _d(
+            lambda d: (
+                d["spec"]["engine"].update(bindAddressEnv=["MY_HOST"]),
+                _role(d).update(ports=[_block("a", "MY_HOST")]),
+            )
+        ),
+        ("spec.roles", "an env var is set twice in a role"),
+        "an env var is set twice in a role",
+    ),
+    Case(
+        "env-is-the-role-engines-bind-address",
+        _d(
+            lambda d: (
+                _role(d).update(engine={"preset": "vllm", "bindAddressEnv": ["MY_HOST"]}),
+                d["spec"].update(ports=[_block("a", "MY_HOST")]),
+            )
+        ),
+        ("spec.roles", "an env var is set twice in a role"),
+        "an env var is set twice in a role",
+    ),
+    Case(
+        "custom-block-without-size",
+        _d(
+            lambda d: (
+                d["spec"].update(engine={"preset": "custom"}),
+                _role(d).update(ports=[{"name": "http", "env": [{"name": "P"}]}]),
+            )
+        ),
+        ("spec.roles", "with preset custom every enabled port block needs size or sizeRule"),
+        "with preset custom every enabled port block needs size or sizeRule",
+    ),
+    Case(
+        "size-rule-too-large",
+        _d(
+            lambda d: (
+                _role(d).update(dataParallelSize=1024, replicas=1),
+                d["spec"].update(
+                    ports=[{"name": "x", "sizeRule": {"basis": "perRank", "multiplier": 9}}]
+                ),
+            )
+        ),
+        ("spec.roles", "sizeRule gives more than 8192 ports"),
+        "sizeRule gives more than 8192 ports",
+    ),
     # ---------------------------------------------------------------- pools
     Case(
         "range-reversed",
@@ -386,6 +454,61 @@ INVALID: list[Case] = [
 ]
 
 
+#: Specs the rules across blocks must accept: a role's block replaces spec.ports'
+#: block of its name, blocks that say enabled: false do not count, custom blocks
+#: may take their size from spec.ports.
+VALID: list[tuple[str, Doc]] = [
+    (
+        "role-overrides-env",
+        _d(
+            lambda d: (
+                d["spec"].update(ports=[_block("a", "P"), _block("b", "Q")]),
+                _role(d).update(ports=[_block("a", "Q"), _block("b", "P")]),
+            )
+        ),
+    ),
+    (
+        "disabled-block-env-does-not-count",
+        _d(
+            lambda d: (
+                d["spec"].update(ports=[_block("a", "P"), {**_block("b", "P"), "enabled": False}]),
+                _role(d).update(ports=[_block("c", "Q"), {**_block("d", "Q"), "enabled": False}]),
+            )
+        ),
+    ),
+    (
+        "overridden-spec-block-env-does-not-count",
+        _d(
+            lambda d: (
+                d["spec"].update(ports=[_block("a", "P")]),
+                _role(d).update(ports=[{"name": "a", "enabled": False}, _block("b", "P")]),
+            )
+        ),
+    ),
+    (
+        "custom-size-from-spec-ports",
+        _d(
+            lambda d: (
+                d["spec"].update(engine={"preset": "custom"}, ports=[_block("http", "P")]),
+                _role(d).update(ports=[{"name": "http", "align": 2}]),
+            )
+        ),
+    ),
+    (
+        "size-rule-fits-this-role",
+        # tensorParallelSize 2 x 1024 ranks x 4 = 8192: exactly the limit.
+        _d(
+            lambda d: (
+                _role(d).update(dataParallelSize=1024, replicas=1),
+                d["spec"].update(
+                    ports=[{"name": "x", "sizeRule": {"basis": "perRank", "multiplier": 4}}]
+                ),
+            )
+        ),
+    ),
+]
+
+
 # ------------------------------------------------------------------- cluster
 
 
@@ -435,6 +558,15 @@ def test_invalid_manifest_rejected(crds: Any, namespace: str, case: Case) -> Non
     finally:
         if result.returncode == 0:  # clean up what should not have been created
             crds.kubectl("delete", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("name", "manifest"), VALID, ids=[v[0] for v in VALID])
+def test_valid_overrides_accepted(crds: Any, namespace: str, name: str, manifest: Doc) -> None:
+    doc = copy.deepcopy(manifest)
+    doc["metadata"]["name"] = name
+    result = _apply(crds, namespace, doc)
+    assert result.returncode == 0, f"{name} was refused:\n{result.stderr}"
 
 
 @pytest.mark.integration

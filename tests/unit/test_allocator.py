@@ -10,9 +10,9 @@ import pytest
 
 from berth.allocator import (
     AllocationConflict,
+    Allocator,
     Assignment,
     BlockRequest,
-    NodePool,
     PoolExhausted,
     PortRange,
 )
@@ -24,8 +24,8 @@ def req(*specs: tuple[str, int] | tuple[str, int, int]) -> list[BlockRequest]:
     return [BlockRequest(*spec) for spec in specs]
 
 
-def pool_of(*ranges: str, reserved: tuple[str, ...] = ()) -> NodePool:
-    return NodePool([R.parse(r) for r in ranges], [R.parse(r) for r in reserved])
+def pool_of(*ranges: str, reserved: tuple[str, ...] = ()) -> Allocator:
+    return Allocator([R.parse(r) for r in ranges], [R.parse(r) for r in reserved])
 
 
 # ------------------------------------------------------------------ requests
@@ -63,7 +63,7 @@ def test_pool_is_ranges_minus_reserved() -> None:
 
 
 def test_empty_pool_exhausts_with_a_clear_message() -> None:
-    pool = NodePool([])
+    pool = Allocator([])
     assert pool.size == pool.free == pool.largest_free_run() == 0
     with pytest.raises(PoolExhausted) as caught:
         pool.allocate("a", req(("http", 1)))
@@ -363,7 +363,7 @@ def test_records_are_compact_and_human_readable() -> None:
         "uid-0": "",
     }
     assert [a.owner for a in pool.assignments()] == ["uid-2", "uid-1", "uid-0"]
-    rebuilt = NodePool.decode(pool.ranges, pool.reserved, pool.encode())
+    rebuilt = Allocator.decode(pool.ranges, pool.reserved, pool.encode())
     assert rebuilt == pool
     assert list(rebuilt.assignments()) == list(pool.assignments())
 
@@ -381,7 +381,7 @@ def test_assignment_codec() -> None:
 def test_decode_refuses_conflicting_records() -> None:
     records = {"a": "w=100-109", "b": "w=105"}
     with pytest.raises(AllocationConflict):
-        NodePool.decode([R(100, 199)], [], records)
+        Allocator.decode([R(100, 199)], [], records)
 
 
 def test_hundreds_of_allocations_stay_far_below_the_object_limit() -> None:
@@ -396,7 +396,7 @@ def test_hundreds_of_allocations_stay_far_below_the_object_limit() -> None:
     data = pool.encode()
     size = len(json.dumps({"data": data}).encode())
     assert size < 64 * 1024  # the API server's limit is 1 MiB
-    assert NodePool.decode(pool.ranges, pool.reserved, data) == pool
+    assert Allocator.decode(pool.ranges, pool.reserved, data) == pool
 
 
 def test_equality_and_repr() -> None:
@@ -405,4 +405,4 @@ def test_equality_and_repr() -> None:
     assert pool == pool_of("1-10")
     pool.allocate("a", req(("p", 2)))
     assert pool != pool_of("1-10")
-    assert repr(pool) == "<NodePool 1-10 owners=1 free=8/10>"
+    assert repr(pool) == "<Allocator 1-10 owners=1 free=8/10>"

@@ -3,7 +3,7 @@
 The oracle keeps plain sets of ports and finds each block by scanning ports
 upwards, so it is obviously right and obviously slow. The real pool must
 agree with it after every allocate, release, adopt, rebuild and reconfigure,
-and the invariants of the brief (I1 no overlap, exact release, exact
+and the invariants of docs/design.md (I1 no overlap, exact release, exact
 rebuild, nothing moves) are checked after every step. Pools are small
 (ports 1000-1300) so that exhaustion, fragmentation and conflicts are common.
 """
@@ -27,9 +27,9 @@ from hypothesis.stateful import (
 
 from berth.allocator import (
     AllocationConflict,
+    Allocator,
     Assignment,
     BlockRequest,
-    NodePool,
     PoolExhausted,
     PortRange,
 )
@@ -149,12 +149,12 @@ def assignments(draw: st.DrawFn, owner: str) -> Assignment:
 class AllocatorMachine(RuleBasedStateMachine):
     """Interleaves every pool operation and checks the pool against the oracle."""
 
-    pool: NodePool
+    pool: Allocator
     oracle: Oracle
 
     @initialize(ranges=range_lists, reserved=reserved_lists)
     def start(self, ranges: list[PortRange], reserved: list[PortRange]) -> None:
-        self.pool = NodePool(ranges, reserved)
+        self.pool = Allocator(ranges, reserved)
         self.oracle = Oracle()
         self.oracle.configure(ranges, reserved)
 
@@ -257,7 +257,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         records = self.pool.encode()
         # ConfigMap data: string keys to string values, JSON-clean.
         assert json.loads(json.dumps(records)) == records
-        rebuilt = NodePool.decode(self.pool.ranges, self.pool.reserved, records)
+        rebuilt = Allocator.decode(self.pool.ranges, self.pool.reserved, records)
         assert rebuilt == self.pool
         assert list(rebuilt.assignments()) == list(self.pool.assignments())
         assert rebuilt.outside_pool() == self.pool.outside_pool()
@@ -372,8 +372,8 @@ def test_same_history_gives_same_pool(
     reserved: list[PortRange],
     sequence: list[tuple[str, list[BlockRequest]]],
 ) -> None:
-    def replay() -> NodePool:
-        pool = NodePool(ranges, reserved)
+    def replay() -> Allocator:
+        pool = Allocator(ranges, reserved)
         for owner, wanted in sequence:
             if owner in pool and len(wanted) % 2:
                 pool.release(owner)

@@ -200,6 +200,11 @@ def test_valid_variants() -> None:
         InferenceDeployment.model_validate(minimal(**role))
 
 
+@pytest.mark.parametrize(("name", "manifest"), CASES.VALID, ids=[v[0] for v in CASES.VALID])
+def test_models_accept_what_the_api_server_accepts(name: str, manifest: Any) -> None:
+    InferenceDeployment.model_validate(copy.deepcopy(manifest))
+
+
 def test_pool_with_unsafe_ranges_allowed() -> None:
     pool = NodePortPool.model_validate(
         {

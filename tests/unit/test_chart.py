@@ -89,8 +89,18 @@ def default_objects() -> tuple[Body, ...]:
     return tuple(render())
 
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-view"
+AGGREGATE_EDIT = "rbac.authorization.k8s.io/aggregate-to-edit"
+
+
+def for_users(obj: Body) -> bool:
+    """The berth-view/berth-edit roles for people, not the operator's."""
+    labels = obj["metadata"].get("labels", {})
+    return AGGREGATE in labels or AGGREGATE_EDIT in labels
+
+
 def one(objects: Any, kind: str) -> Body:
-    found = [o for o in objects if o["kind"] == kind]
+    found = [o for o in objects if o["kind"] == kind and not for_users(o)]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
     return found[0]
 
@@ -134,7 +144,8 @@ def test_chart_metadata_matches_the_project() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["apiVersion"] == "v2"
     assert chart["appVersion"] == project["version"] == "0.1.0"
-    assert chart["kubeVersion"].startswith(">=1.29")
+    # ValidatingAdmissionPolicy is GA (admissionregistration.k8s.io/v1) from 1.30.
+    assert chart["kubeVersion"].startswith(">=1.30")
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
 
 
@@ -172,6 +183,7 @@ def test_deploy_manifest_is_rendered_from_the_chart(tmp_path: Path) -> None:
 
 def test_rbac_has_no_wildcards_secrets_or_escalation() -> None:
     roles = [o for o in default_objects() if o["kind"] in ("ClusterRole", "Role")]
+    roles = [o for o in roles if not for_users(o)]
     assert len(roles) == 2
     for role in roles:
         for group, resource, verbs in rules_of(role):
@@ -354,6 +366,14 @@ def test_service_and_pdb_select_the_operator_pod() -> None:
     assert labels.get("app.kubernetes.io/managed-by") != "berth"
 
 
+CLUSTER_SCOPED = (
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
+
+
 def test_every_object_has_the_standard_labels() -> None:
     for obj in default_objects():
         labels = obj["metadata"]["labels"]
@@ -365,7 +385,7 @@ def test_every_object_has_the_standard_labels() -> None:
             "helm.sh/chart",
         ):
             assert key in labels, f"{obj['kind']} lacks {key}"
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["kind"]
 
 
@@ -444,3 +464,133 @@ def test_every_value_is_in_the_docs_values_table() -> None:
     text = DOCS.read_text()
     missing = [p for p in value_paths(values) if f"| `{p}` |" not in text]
     assert not missing, f"docs/install.md's values table lacks {missing}"
+
+
+# --- admission policies and user roles (tests/integration/test_admission.py) ---
+
+
+def kinds(objects: Any, kind: str) -> dict[str, Body]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def variable(policy: Body, name: str) -> str:
+    found = [v["expression"] for v in policy["spec"]["variables"] if v["name"] == name]
+    assert len(found) == 1, name
+    return str(found[0])
+
+
+def test_pool_guard_on_by_default_and_off_by_value() -> None:
+    policies = kinds(default_objects(), "ValidatingAdmissionPolicy")
+    bindings = kinds(default_objects(), "ValidatingAdmissionPolicyBinding")
+    guards = {"berth-pool-guard", "berth-default-pool-guard"}
+    assert guards <= set(policies) and guards <= set(bindings)
+    pools = bindings["berth-pool-guard"]["spec"]
+    # One binding, every NodePortPool a parameter; no pool, nothing to refuse.
+    assert pools["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
+    assert policies["berth-pool-guard"]["spec"]["paramKind"]["kind"] == "NodePortPool"
+    assert "paramRef" not in bindings["berth-default-pool-guard"]["spec"]
+    for name in guards:
+        assert bindings[name]["spec"]["validationActions"] == ["Deny"]
+        assert policies[name]["spec"]["matchConstraints"]["resourceRules"][0]["operations"] == [
+            "CREATE"
+        ]
+    off = render("poolGuard.enabled=false")
+    assert not guards & set(kinds(off, "ValidatingAdmissionPolicy"))
+    assert not guards & set(kinds(off, "ValidatingAdmissionPolicyBinding"))
+    warn = kinds(render("poolGuard.action=Warn"), "ValidatingAdmissionPolicyBinding")
+    assert all(warn[name]["spec"]["validationActions"] == ["Warn"] for name in guards)
+
+
+def test_default_pool_guard_takes_its_ranges_from_the_values() -> None:
+    objects = render(
+        values={"defaultPool": ["20000-24999", "26000"], "reservedPorts": ["22222", "20400-20409"]}
+    )
+    policy = kinds(objects, "ValidatingAdmissionPolicy")["berth-default-pool-guard"]
+    assert variable(policy, "ranges") == "[[20000, 24999], [26000, 26000]]"
+    assert variable(policy, "reserved") == "[[22222, 22222], [20400, 20409]]"
+    assert (
+        variable(
+            kinds(render(), "ValidatingAdmissionPolicy")[policy["metadata"]["name"]], "reserved"
+        )
+        == "[]"
+    )
+
+
+def test_pool_guard_exemptions() -> None:
+    objects = render(values={"poolGuard": {"exemptNamespaces": ["kube-system", "agents"]}})
+    spec = kinds(objects, "ValidatingAdmissionPolicy")["berth-pool-guard"]["spec"]
+    exempt = {"key": "berth.dev/pool-guard", "operator": "NotIn", "values": ["exempt"]}
+    constraints = spec["matchConstraints"]
+    assert constraints["objectSelector"]["matchExpressions"] == [exempt]
+    assert constraints["namespaceSelector"]["matchExpressions"] == [
+        exempt,
+        {
+            "key": "kubernetes.io/metadata.name",
+            "operator": "NotIn",
+            "values": ["kube-system", "agents"],
+        },
+    ]
+    conditions = {c["name"]: c["expression"] for c in spec["matchConditions"]}
+    # Berth's pods are recognised by who creates them, not by a label.
+    assert "system:serviceaccount:berth-system:berth" in conditions["not-created-by-berth"]
+
+
+def test_guards_follow_the_service_account_name() -> None:
+    objects = render("serviceAccount.name=ops")
+    policies = kinds(objects, "ValidatingAdmissionPolicy")
+    write = policies["berth-write-guard"]["spec"]["matchConditions"][0]["expression"]
+    assert write == 'request.userInfo.username == "system:serviceaccount:berth-system:ops"'
+    pool = policies["berth-pool-guard"]["spec"]["matchConditions"][0]["expression"]
+    assert '"system:serviceaccount:berth-system:ops"' in pool
+
+
+def test_write_guard_limits_configmaps_and_pods() -> None:
+    policy = kinds(default_objects(), "ValidatingAdmissionPolicy")["berth-write-guard"]
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE", "UPDATE", "DELETE"],
+            "resources": ["configmaps", "pods"],
+        }
+    ]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert '"berth-system"' in variable(policy, "ledger")  # its own namespace only
+    off = render("writeGuard.enabled=false")
+    assert "berth-write-guard" not in kinds(off, "ValidatingAdmissionPolicy")
+    assert "berth-write-guard" not in kinds(off, "ValidatingAdmissionPolicyBinding")
+
+
+def test_aggregated_roles_for_people() -> None:
+    roles = kinds(default_objects(), "ClusterRole")
+    view, edit = roles["berth-view"], roles["berth-edit"]
+    for role, targets in ((view, ("view", "edit", "admin")), (edit, ("edit", "admin"))):
+        labels = role["metadata"]["labels"]
+        assert {
+            t
+            for t in ("view", "edit", "admin")
+            if labels.get(f"rbac.authorization.k8s.io/aggregate-to-{t}") == "true"
+        } == set(targets)
+    assert as_table(view) == {
+        ("berth.dev", r): {"get", "list", "watch"}
+        for r in (
+            "inferencedeployments",
+            "inferencedeployments/status",
+            "nodeportpools",
+            "nodeportpools/status",
+        )
+    }
+    # Status is the operator's, pools the cluster admin's.
+    assert as_table(edit) == {
+        ("berth.dev", "inferencedeployments"): {
+            "create",
+            "update",
+            "patch",
+            "delete",
+            "deletecollection",
+        }
+    }
+    assert not {"berth-view", "berth-edit"} & set(
+        kinds(render("rbac.aggregate=false"), "ClusterRole")
+    )

@@ -14,12 +14,12 @@ import pytest
 
 from berth.allocator import BlockRequest, PoolExhausted
 from berth.allocator.ranges import PortRange
-from berth.api.pools import PoolConfig
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.records import Holder, NodeLedger, decode_pool, encode_pool
 from berth.ledger.store import LedgerConflict
+from berth.pools import Pool
 
-POOL = PoolConfig("gpu", (PortRange(20000, 20099),), (PortRange(20010, 20019),))
+POOL = Pool("gpu", (PortRange(20000, 20099),), (PortRange(20010, 20019),))
 REQUEST = [BlockRequest("http", 1), BlockRequest("nixl", 8)]
 
 
@@ -60,14 +60,14 @@ def holder(i: int) -> Holder:
 
 def test_pool_line_round_trips() -> None:
     assert decode_pool(encode_pool(POOL)) == POOL
-    bare = PoolConfig("default", (PortRange(20000, 29999),))
+    bare = Pool("default", (PortRange(20000, 29999),))
     assert decode_pool(encode_pool(bare)) == bare
 
 
 def test_ledger_encoding_round_trips_and_stays_small() -> None:
-    ledger = NodeLedger.empty("node-a", PoolConfig("default", (PortRange(20000, 29999),)))
+    ledger = NodeLedger.empty("node-a", Pool("default", (PortRange(20000, 29999),)))
     for i in range(300):
-        ledger.pool.allocate(f"uid-{i}", REQUEST)
+        ledger.allocator.allocate(f"uid-{i}", REQUEST)
         ledger.holders[f"uid-{i}"] = holder(i)
     data = ledger.encode()
     again = NodeLedger.decode("node-a", data)
@@ -123,11 +123,11 @@ async def test_pool_change_keeps_live_allocations(caplog: pytest.LogCaptureFixtu
     store = CasStore()
     ledgers = Ledgers(store)  # type: ignore[arg-type]
     first = await ledgers.allocate("node-a", holder(1), REQUEST, POOL)
-    moved = PoolConfig("gpu", (PortRange(21000, 21099),))
+    moved = Pool("gpu", (PortRange(21000, 21099),))
     second = await ledgers.allocate("node-a", holder(2), REQUEST, moved)
     # Reported, not dropped: the log names the pod whose ports the pool left.
     assert "pool gpu no longer covers the ports of ns/pod-1" in caplog.text
     ledger = await store.load("node-a")
-    assert ledger is not None and ledger.pool_config == moved
-    assert ledger.pool.get("uid-1") == first.assignment  # never moved
+    assert ledger is not None and ledger.pool == moved
+    assert ledger.allocator.get("uid-1") == first.assignment  # never moved
     assert all(r.start >= 21000 for r in second.assignment.blocks.values())

@@ -3,6 +3,7 @@ rank-offset semantics that keep every DP rank's ports inside its pod's block."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def test_vllm_current_single_engine() -> None:
     role = resolve(tensorParallelSize=4)
     assert [b.name for b in role.blocks] == ["http", "nixl", "kv-events", "internal"]
     sizes = {b.name: b.size for b in role.blocks}
-    assert sizes == {"http": 1, "nixl": 1, "kv-events": 1, "internal": 4 * 4 + 32}
+    assert sizes == {"http": 1, "nixl": 1, "kv-events": 1, "internal": 8}
     assert env(role) == {
         "BERTH_HTTP_PORT": ("http", "start", 0),
         "VLLM_NIXL_SIDE_CHANNEL_PORT": ("nixl", "rankBase", 1),
@@ -78,24 +79,78 @@ def test_vllm_current_single_engine() -> None:
     assert role.static_env == {}
     assert role.preset == "vllm"
     assert role.rules == ">=0.11.1"
+    assert role.group_env == () and role.warnings == ()
 
 
-def test_vllm_current_data_parallel() -> None:
+def test_vllm_data_parallel_in_one_pod_has_no_vllm_port_and_no_dp_rpc() -> None:
+    """VLLM_PORT hangs vLLM 0.10.2-0.17.1 with DP; dp-rpc is bound only across pods."""
+    role = resolve(version="0.11.1", tensorParallelSize=2, dataParallelSize=4)
+    sizes = {b.name: b.size for b in role.blocks}
+    assert sizes == {"http": 1, "nixl": 4, "kv-events": 4}
+    assert "VLLM_PORT" not in env(role)
+    assert role.group_env == ()
+    assert any("bind(0)" in w for w in role.warnings)
+
+
+def test_vllm_data_parallel_across_pods() -> None:
     role = resolve(tensorParallelSize=2, dataParallelSize=8, dataParallelSizeLocal=4, replicas=2)
     sizes = {b.name: b.size for b in role.blocks}
     # One NIXL listener and one KV-events publisher per DP engine in the pod.
-    assert sizes["nixl"] == 4 and sizes["kv-events"] == 4
-    assert sizes["dp-rpc"] == 1
-    assert sizes["internal"] == 2 * 4 * 4 + 32
+    assert sizes == {"http": 1, "nixl": 4, "kv-events": 4, "dp-rpc": 1}
     assert env(role)["BERTH_DP_RPC_PORT"] == ("dp-rpc", "start", 0)
+    assert [(g.name, g.source, g.block) for g in role.group_env] == [
+        ("BERTH_DP_ADDRESS", "leaderAddress", ""),
+        ("BERTH_DP_LEADER_RPC_PORT", "leaderBlock", "dp-rpc"),
+        ("BERTH_DP_START_RANK", "firstRank", ""),
+    ]
 
 
-def test_vllm_before_0_11_1_has_a_nixl_port_per_tp_worker() -> None:
-    role = resolve(version="0.10.2", tensorParallelSize=4, dataParallelSize=2)
+def test_group_env_of_a_follower_comes_from_its_leader() -> None:
+    role = resolve(tensorParallelSize=2, dataParallelSize=8, dataParallelSizeLocal=4, replicas=2)
+    follower = PortPlan(role, first_rank=4)
+    leader = Assignment("pod-0", {"dp-rpc": PortRange(21000, 21000)})
+    assert follower.group_env_names() == [
+        "BERTH_DP_ADDRESS",
+        "BERTH_DP_LEADER_RPC_PORT",
+        "BERTH_DP_START_RANK",
+    ]
+    assert follower.group_env(leader, "10.1.2.3") == {
+        "BERTH_DP_ADDRESS": "10.1.2.3",
+        "BERTH_DP_LEADER_RPC_PORT": "21000",
+        "BERTH_DP_START_RANK": "4",
+    }
+    with pytest.raises(PlanError, match="no block 'dp-rpc'"):
+        follower.group_env(Assignment("pod-0", {}), "10.1.2.3")
+    # The group env travels in the pod's plan; plans without it decode as before.
+    decoded = PortPlan.decode(follower.encode())
+    assert (decoded.role.blocks, decoded.role.group_env) == (role.blocks, role.group_env)
+    plain = PortPlan(resolve(), 0)
+    assert "groupEnv" not in plain.encode()
+
+
+@pytest.mark.parametrize(
+    ("version", "value", "per_rank"),
+    [("0.9.1", "start", 0), ("0.9.2", "rankBase", 4), ("0.11.0", "rankBase", 4)],
+)
+def test_vllm_before_0_11_1_has_a_nixl_port_per_tp_worker(
+    version: str, value: str, per_rank: int
+) -> None:
+    """0.9.1 offsets NIXL by the *local* DP rank (base = block start), 0.9.2-0.11.0 by the
+    global one (rank base)."""
+    role = resolve(version=version, tensorParallelSize=4, dataParallelSize=2)
     nixl = blocks(role)["nixl"]
     assert nixl.size == 4 * 2
-    assert nixl.env == (EnvBinding("VLLM_NIXL_SIDE_CHANNEL_PORT", "rankBase", 4),)
-    assert role.rules == ">=0.9.0,<0.11.1"
+    assert nixl.env == (EnvBinding("VLLM_NIXL_SIDE_CHANNEL_PORT", value, per_rank),)  # type: ignore[arg-type]
+
+
+def test_vllm_0_9_0_has_no_dp_offset() -> None:
+    role = resolve(version="0.9.0", tensorParallelSize=4)
+    assert blocks(role)["nixl"].env == (EnvBinding("VLLM_NIXL_SIDE_CHANNEL_PORT", "start", 0),)
+    assert blocks(role)["kv-events"].env == (EnvBinding("BERTH_KV_EVENTS_PORT", "start", 0),)
+    with pytest.raises(PresetError, match="dataParallelSizeLocal to 1"):
+        resolve(version="0.9.0", dataParallelSize=2)
+    spans = resolve(version="0.9.0", dataParallelSize=2, dataParallelSizeLocal=1, replicas=2)
+    assert "dp-rpc" in blocks(spans)
 
 
 @pytest.mark.parametrize(
@@ -106,8 +161,10 @@ def test_vllm_before_0_11_1_has_a_nixl_port_per_tp_worker() -> None:
         ("0.11.1rc2", ">=0.11.1"),
         ("0.12", ">=0.11.1"),
         ("1.4.0", ">=0.11.1"),  # newer than Berth knows: the newest rules
-        ("0.11.0", ">=0.9.0,<0.11.1"),
-        ("0.9", ">=0.9.0,<0.11.1"),
+        ("0.11.0", ">=0.9.2,<0.11.1"),
+        ("0.9.2", ">=0.9.2,<0.11.1"),
+        ("0.9.1", ">=0.9.1,<0.9.2"),
+        ("0.9", ">=0.9.0,<0.9.1"),
     ],
 )
 def test_vllm_version_selects_rules(version: str, rules: str) -> None:
@@ -115,7 +172,11 @@ def test_vllm_version_selects_rules(version: str, rules: str) -> None:
 
 
 def test_vllm_too_old_is_a_preset_error() -> None:
-    with pytest.raises(PresetError, match=r"supports vLLM 0\.9\.0 and newer, not 0\.8\.5"):
+    with pytest.raises(
+        PresetError,
+        match=r"supports vLLM 0\.9\.0 and newer \(rule sets from 0\.9\.0, 0\.9\.1, 0\.9\.2, "
+        r"0\.11\.1\), not 0\.8\.5",
+    ):
         resolve(version="0.8.5")
 
 
@@ -131,40 +192,45 @@ def test_unparseable_version_is_a_preset_error() -> None:
 
 def test_dynamo_vllm() -> None:
     role = resolve("dynamo-vllm", tensorParallelSize=2, dataParallelSize=2)
-    assert [b.name for b in role.blocks] == [
-        "system",
-        "request",
-        "nixl",
-        "kv-events",
-        "dp-rpc",
-        "internal",
-    ]
+    assert [b.name for b in role.blocks] == ["system", "request", "nixl", "kv-events", "fpm"]
     e = env(role)
     assert e["DYN_SYSTEM_PORT"] == ("system", "start", 0)
     assert e["DYN_TCP_RPC_PORT"] == ("request", "start", 0)
     # Both KV-events conventions point into the same block.
     assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
     assert e["DYN_VLLM_KV_EVENT_PORT"] == ("kv-events", "start", 0)
+    # Forward-pass metrics: base + global DP rank, default 20380 (inside the pool).
+    assert e["DYN_FORWARDPASS_METRIC_PORT"] == ("fpm", "rankBase", 1)
     assert "BERTH_HTTP_PORT" not in e  # the Dynamo frontend serves HTTP, not the worker
     assert role.static_env == {"DYN_SYSTEM_ENABLED": "true"}
     assert role.bind_address_env == ("VLLM_NIXL_SIDE_CHANNEL_HOST",)
+    assert any("DYN_VLLM_KV_EVENT_PORT" in w for w in role.warnings)
 
 
-def test_dynamo_vllm_old_vllm_inside() -> None:
-    role = resolve("dynamo-vllm", "0.10.1", tensorParallelSize=8)
+def test_dynamo_vllm_versions() -> None:
+    """Dynamo 0.7 ships vLLM 0.11.0; older Dynamo overwrote the NIXL port and is refused."""
+    role = resolve("dynamo-vllm", "0.11.0", tensorParallelSize=8)
     assert blocks(role)["nixl"].size == 8
     with pytest.raises(PresetError, match="vLLM version inside the Dynamo image"):
-        resolve("dynamo-vllm", "0.7.0")
+        resolve("dynamo-vllm", "0.10.1")
 
 
-def test_sglang() -> None:
-    role = resolve("sglang", tensorParallelSize=8, dataParallelSize=8)
+@pytest.mark.parametrize(("version", "plus"), [("0.4.9", 8), ("0.5.8", 14), ("0.5.23", 14)])
+def test_sglang(version: str, plus: int) -> None:
+    role = resolve("sglang", version, tensorParallelSize=8, dataParallelSize=8)
     sizes = {b.name: b.size for b in role.blocks}
-    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": 8 + 8, "nccl": 1, "kv-events": 8}
+    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": 8 + plus, "nccl": 1, "kv-events": 8}
     e = env(role)
     assert e["BERTH_DIST_INIT_PORT"] == ("dist-init", "start", 0)
+    assert e["BERTH_NCCL_PORT"] == ("nccl", "start", 0)
     assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
     assert role.bind_address_env == ()
+    assert any("--enable-dp-attention" in w for w in role.warnings)
+
+
+def test_sglang_before_nccl_port_is_refused() -> None:
+    with pytest.raises(PresetError, match=r"supports SGLang 0\.4\.9 and newer"):
+        resolve("sglang", "0.4.8")
 
 
 def test_custom_has_no_blocks_but_takes_explicit_ones() -> None:
@@ -284,11 +350,10 @@ def test_rank_base_needs_whole_ports_per_rank() -> None:
 
 
 def test_block_larger_than_the_limit_is_a_preset_error() -> None:
-    with pytest.raises(PresetError, match="needs 9216 ports"):
-        resolve(
-            dataParallelSize=1024,
-            ports=[{"name": "x", "sizeRule": {"basis": "perRank", "multiplier": 9}}],
-        )
+    # A preset's block (vLLM 0.9.2's nixl: one port per rank, tp x dp); the
+    # schema refuses a declared sizeRule this large before the operator sees it.
+    with pytest.raises(PresetError, match="needs 16384 ports"):
+        resolve(version="0.9.2", tensorParallelSize=64, dataParallelSize=256)
 
 
 @pytest.mark.parametrize(
@@ -334,15 +399,14 @@ def test_port_env_worked_example() -> None:
         "nixl": PortRange(20001, 20002),
         "kv-events": PortRange(20003, 20004),
         "dp-rpc": PortRange(20005, 20005),
-        "internal": PortRange(20006, 20053),
     }
+    assert [b.name for b in role.blocks] == list(assigned)
     values = port_env(role, assigned, first_rank=2)
     assert values == {
         "BERTH_HTTP_PORT": "20000",
         "VLLM_NIXL_SIDE_CHANNEL_PORT": "19999",  # + rank 2 = 20001, + rank 3 = 20002
         "BERTH_KV_EVENTS_PORT": "20001",  # + rank 2 = 20003, + rank 3 = 20004
         "BERTH_DP_RPC_PORT": "20005",
-        "VLLM_PORT": "20006",
     }
 
 
@@ -373,9 +437,10 @@ def kv_events_ports(base: int, global_ranks: range) -> list[int]:
     return [base + g for g in global_ranks]
 
 
-def dynamo_kv_ports(env_value: int, first_rank: int, global_ranks: range) -> list[int]:
-    # Dynamo builds tcp://*:{kv_port - dp_rank}; vLLM adds each engine's index.
-    return [env_value - first_rank + g for g in global_ranks]
+def dynamo_kv_ports(env_value: int, global_ranks: range) -> list[int]:
+    # Dynamo 0.7 runs one process per DP rank and builds tcp://*:{kv_port - dp_rank};
+    # vLLM adds the rank back, so every process binds kv_port.
+    return [env_value - g + g for g in global_ranks]
 
 
 @st.composite
@@ -393,14 +458,14 @@ def layouts(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
 @given(
     layout=layouts(),
     preset=st.sampled_from(["vllm", "dynamo-vllm", "sglang"]),
-    version=st.sampled_from([None, "0.10.2"]),
+    version=st.sampled_from([None, "0.9.1", "0.11.0"]),
     start=st.integers(1024, 60000),
 )
 def test_every_rank_binds_inside_its_pods_blocks(
     layout: tuple[int, int, int, int, int], preset: str, version: str | None, start: int
 ) -> None:
     tp, dp, dp_local, replicas, pod = layout
-    if preset == "sglang":
+    if preset == "sglang" or (preset == "dynamo-vllm" and version == "0.9.1"):
         version = None
     s = spec(
         preset,
@@ -431,14 +496,15 @@ def test_every_rank_binds_inside_its_pods_blocks(
 
     if preset in ("vllm", "dynamo-vllm"):
         per_engine = version is None
-        inside(
-            vllm_nixl_ports(values["VLLM_NIXL_SIDE_CHANNEL_PORT"], tp, ranks, per_engine), "nixl"
-        )
+        nixl_base = values["VLLM_NIXL_SIDE_CHANNEL_PORT"]
+        if version == "0.9.1":  # offset by the local DP rank: base + local * tp + tp_rank
+            nixl_base -= first * tp
+        inside(vllm_nixl_ports(nixl_base, tp, ranks, per_engine), "nixl")
         if per_engine:
             assert len(vllm_nixl_ports(0, tp, ranks, True)) == assigned["nixl"].size
     inside(kv_events_ports(values["BERTH_KV_EVENTS_PORT"], ranks), "kv-events")
-    if preset == "dynamo-vllm":
-        inside(dynamo_kv_ports(values["DYN_VLLM_KV_EVENT_PORT"], first, ranks), "kv-events")
+    if preset == "dynamo-vllm" and dp_local == 1:  # more: a warning, see test_dynamo_vllm
+        inside(dynamo_kv_ports(values["DYN_VLLM_KV_EVENT_PORT"], ranks), "kv-events")
     for name, (block_name, value, _) in env(role).items():
         if value == "start":
             assert values[name] == assigned[block_name].start
@@ -473,3 +539,26 @@ def test_deployment_example_resolves() -> None:
     assert "kv-replay" in blocks(prefill)
     assert "kv-events" not in blocks(decode)
     assert blocks(decode)["nixl"].size == 4
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+)
+def test_every_example_resolves(name: str) -> None:
+    """Every InferenceDeployment example is valid for the version it names."""
+    path = Path(__file__).resolve().parents[2] / "examples" / name
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "InferenceDeployment":
+            d = InferenceDeployment.model_validate(doc)
+            for role in d.spec.roles:
+                plan = resolve_role(d.spec, role)
+                used = " ".join(
+                    " ".join([*(c.args or []), *(c.command or [])])
+                    for c in role.template.spec.containers
+                )
+                pod = PortPlan(plan, 0)
+                provided = {*pod.env_names(), *pod.group_env_names()}
+                # Every $(BERTH_...) an example passes is one the preset provides.
+                for ref in re.findall(r"\$\((BERTH_[A-Z_]+)\)", used):
+                    assert ref in provided, (name, role.name, ref)

@@ -71,3 +71,23 @@ Call with (dict "key" "defaultPool" "ranges" .Values.defaultPool).
 {{- end }}
 {{- join "," $out }}
 {{- end }}
+
+{{/* The username the API server gives the operator's ServiceAccount token. */}}
+{{- define "berth.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "berth.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+Port ranges as a CEL list of [start, end] pairs, e.g. [[20000, 29999]].
+Call with (dict "key" "defaultPool" "ranges" .Values.defaultPool).
+*/}}
+{{- define "berth.celRanges" -}}
+{{- $pairs := list }}
+{{- range splitList "," (include "berth.ranges" .) }}
+{{- if . }}
+{{- $parts := splitList "-" . }}
+{{- $pairs = append $pairs (printf "[%s, %s]" (first $parts) (last $parts)) }}
+{{- end }}
+{{- end }}
+{{- printf "[%s]" (join ", " $pairs) }}
+{{- end }}

@@ -1,15 +1,15 @@
 """Pure port allocator: per-node pools of contiguous blocks, no I/O."""
 
+from berth.allocator.allocator import Allocator
 from berth.allocator.blocks import Assignment, BlockRequest
 from berth.allocator.errors import AllocationConflict, PoolExhausted
-from berth.allocator.pool import NodePool
 from berth.allocator.ranges import PortRange
 
 __all__ = [
     "AllocationConflict",
+    "Allocator",
     "Assignment",
     "BlockRequest",
-    "NodePool",
     "PoolExhausted",
     "PortRange",
 ]

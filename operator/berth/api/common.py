@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from berth.allocator.ranges import MAX_PORT, MIN_PORT
+
 GROUP = "berth.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -31,9 +33,6 @@ ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 USER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 #: Engine versions: ``0.11``, ``0.11.1``, ``v0.11.1``, ``0.11.1rc1``, ``0.11.1-dev``.
 VERSION_PATTERN = r"^v?[0-9]+\.[0-9]+(\.[0-9]+)?([-+.]?[0-9A-Za-z][-0-9A-Za-z.]*)?$"
-
-MIN_PORT = 1
-MAX_PORT = 65535
 
 
 def cel(

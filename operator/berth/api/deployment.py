@@ -390,6 +390,261 @@ class PodTemplate(ApiModel):
     """Pod spec."""
 
 
+# ------------------------------------------------ rules across spec and roles
+#
+# A role's blocks are the preset's, overridden by name by spec.ports, then by
+# the role's ports (berth.engines.resolve). Preset blocks are unknown here, so
+# these rules judge only what the spec declares, and only where the preset
+# cannot change the answer; the operator checks the rest after expansion.
+# The CEL below and the Python twins under it encode the same merge.
+
+# Optional lists are tested with has() around each macro, never as
+# `has(x) ? x : []`: the API server's cost estimator loses a list's maxItems
+# through a conditional and then refuses the rule as unbounded.
+_SPEC = "self.ports"
+
+
+def _blocks(role: str) -> str:
+    return f"{role}.ports"
+
+
+def _all(path: str, var: str, body: str) -> str:
+    return f"(!has({path}) || {path}.all({var}, {body}))"
+
+
+def _exists(path: str, var: str, body: str) -> str:
+    return f"(has({path}) && {path}.exists({var}, {body}))"
+
+
+def _role_block_enabled(b: str) -> str:
+    """A role block is off if it says so, or says nothing and spec.ports' block is off."""
+    off = _exists(_SPEC, "s", f"s.name == {b}.name && has(s.enabled) && !s.enabled")
+    return f"(has({b}.enabled) ? {b}.enabled : !{off})"
+
+
+def _spec_block_enabled(role: str, s: str) -> str:
+    """A spec block is off if the role's block of that name says so, else if it says so."""
+    said = _exists(_blocks(role), "b", f"b.name == {s}.name && has(b.enabled)")
+    on = _exists(_blocks(role), "b", f"b.name == {s}.name && has(b.enabled) && b.enabled")
+    return f"({said} ? {on} : (!has({s}.enabled) || {s}.enabled))"
+
+
+def _role_env_block(role: str, b: str) -> str:
+    """The role's own block sets env and stays enabled."""
+    return f"(has({b}.env) && {_role_block_enabled(b)})"
+
+
+def _spec_env_block(role: str, s: str) -> str:
+    """spec.ports' block sets env the role keeps (no role block of that name sets env)."""
+    replaced = _exists(_blocks(role), "b", f"b.name == {s}.name && has(b.env)")
+    return f"(has({s}.env) && !{replaced} && {_spec_block_enabled(role, s)})"
+
+
+def _is_bind_env(role: str, name: str) -> str:
+    own, spec = f"{role}.engine.bindAddressEnv", "self.engine.bindAddressEnv"
+    return (
+        f"(has({role}.engine) ? (has({own}) && {name} in {own}) : "
+        f"(has({spec}) && {name} in {spec}))"
+    )
+
+
+# Env names set twice. A rule over every role's merged blocks exceeds the API
+# server's CEL cost budget, so the blocks are judged as written, in pieces
+# that together refuse the same specs as _check_env_names: a block counts
+# unless it says enabled: false; spec.ports' block counts for a role unless
+# the role has a block of its name.
+_ON = "(!has({b}.enabled) || {b}.enabled)"
+_SETS = "{b}.env.exists(f, f.name == e.name)"
+
+
+def _unique_env_rule(path: str) -> str:
+    """Within one list of blocks (spec.ports, or a role's ports)."""
+    holder = f"has(o.env) && {_ON.format(b='o')} && {_SETS.format(b='o')}"
+    return _all(
+        path,
+        "x",
+        f"!has(x.env) || !{_ON.format(b='x')} || x.env.all(e, {path}.exists_one(o, {holder}))",
+    )
+
+
+def _own_vs_bind_env_rule(bind: str) -> str:
+    """A role's blocks against its own engine's bindAddressEnv."""
+    return f"!has({bind}) || " + _all(
+        "self.ports",
+        "x",
+        f"!has(x.env) || !{_ON.format(b='x')} || x.env.all(e, !(e.name in {bind}))",
+    )
+
+
+def _kept(role: str, s: str) -> str:
+    """spec.ports' block ``s`` sets env that reaches ``role`` as written."""
+    overridden = _exists(_blocks(role), "q", f"q.name == {s}.name")
+    return f"(has({s}.env) && {_ON.format(b=s)} && !{overridden})"
+
+
+def _role_vs_spec_env_rule() -> str:
+    own = f"has(x.env) && {_ON.format(b='x')} && {_SETS.format(b='x')}"
+    return (
+        "self.roles.all(r, "
+        + _all(_SPEC, "o", f"!{_kept('r', 'o')} || o.env.all(e, !{_exists('r.ports', 'x', own)})")
+        + ")"
+    )
+
+
+def _spec_vs_bind_env_rule() -> str:
+    return (
+        "self.roles.all(r, "
+        + _all(_SPEC, "o", f"!{_kept('r', 'o')} || o.env.all(e, !{_is_bind_env('r', 'e.name')})")
+        + ")"
+    )
+
+
+def _role_vs_spec_bind_env_rule() -> str:
+    spec_bind = "self.engine.bindAddressEnv"
+    return (
+        f"!has({spec_bind}) || self.roles.all(r, has(r.engine) || "
+        + _all(
+            "r.ports",
+            "x",
+            f"!has(x.env) || !{_ON.format(b='x')} || x.env.all(e, !(e.name in {spec_bind}))",
+        )
+        + ")"
+    )
+
+
+def _has_size(b: str) -> str:
+    return f"(has({b}.size) || has({b}.sizeRule))"
+
+
+def _custom_sizes_rule() -> str:
+    preset = "(has(r.engine) ? r.engine.preset : self.engine.preset)"
+    own = _all(
+        _blocks("r"),
+        "b",
+        f"!{_role_block_enabled('b')} || {_has_size('b')} || "
+        + _exists(_SPEC, "s", f"s.name == b.name && {_has_size('s')}"),
+    )
+    spec = _all(
+        _SPEC,
+        "s",
+        f"{_exists(_blocks('r'), 'b', 'b.name == s.name')} || "
+        f"(has(s.enabled) && !s.enabled) || {_has_size('s')}",
+    )
+    return f"self.roles.all(r, {preset} != 'custom' || ({own} && {spec}))"
+
+
+def _rule_size(role: str, rule: str) -> str:
+    dp_local = (
+        f"(has({role}.dataParallelSizeLocal) ? {role}.dataParallelSizeLocal : "
+        f"{role}.dataParallelSize)"
+    )
+    count = (
+        f"({rule}.basis == 'perDataParallelRank' ? {dp_local} : "
+        f"{rule}.basis == 'perRank' ? {role}.tensorParallelSize * {dp_local} : "
+        f"{role}.dataParallelSize)"
+    )
+    return (
+        f"{count} * (has({rule}.multiplier) ? {rule}.multiplier : 1) + "
+        f"(has({rule}.plus) ? {rule}.plus : 0)"
+    )
+
+
+def _size_rule_bound_rule() -> str:
+    def fits(rule: str) -> str:
+        return f"{_rule_size('r', rule)} <= {MAX_BLOCK_SIZE}"
+
+    own = _all(
+        _blocks("r"),
+        "b",
+        f"!has(b.sizeRule) || !{_role_block_enabled('b')} || {fits('b.sizeRule')}",
+    )
+    sized_by_role = _exists(_blocks("r"), "b", f"b.name == s.name && {_has_size('b')}")
+    spec = _all(
+        _SPEC,
+        "s",
+        f"!has(s.sizeRule) || {sized_by_role} || !{_spec_block_enabled('r', 's')} || "
+        f"{fits('s.sizeRule')}",
+    )
+    return f"self.roles.all(r, {own} && {spec})"
+
+
+_ENV_TWICE_MESSAGE = (
+    "an env var is set twice in a role: each env name may appear once in the role's "
+    "port blocks, spec.ports' blocks the role does not override by name, and "
+    "engine.bindAddressEnv (blocks with enabled: false do not count)"
+)
+_CUSTOM_SIZE_MESSAGE = (
+    "with preset custom every enabled port block needs size or sizeRule (there is no "
+    "preset block to take one from)"
+)
+_RULE_SIZE_MESSAGE = (
+    f"a port block's sizeRule gives more than {MAX_BLOCK_SIZE} ports for a role's "
+    "parallelism (count * multiplier + plus)"
+)
+
+
+def _effective_blocks(
+    spec: InferenceDeploymentSpec, role: RoleSpec
+) -> list[tuple[PortBlock, PortBlock | None]]:
+    """(block, spec.ports' block of the same name) for each declared block, by name."""
+    base = {b.name: b for b in spec.ports or ()}
+    own = {b.name: b for b in role.ports or ()}
+    merged = [(b, base.get(name)) for name, b in own.items()]
+    return merged + [(b, None) for name, b in base.items() if name not in own]
+
+
+def _enabled(block: PortBlock, under: PortBlock | None) -> bool:
+    if block.enabled is not None:
+        return block.enabled
+    return under is None or under.enabled is not False
+
+
+def _env_names(blocks: list[PortBlock] | None) -> list[str]:
+    return [e.name for b in blocks or () if b.enabled is not False for e in b.env or ()]
+
+
+def _check_env_names(spec: InferenceDeploymentSpec, role: RoleSpec) -> None:
+    """Python twin of the env rules: each env name once per role, blocks as written."""
+    engine = role.engine or spec.engine
+    own_names = {b.name for b in role.ports or ()}
+    kept = [b for b in spec.ports or () if b.name not in own_names]
+    names = _env_names(role.ports) + _env_names(kept)
+    bind = set(engine.bind_address_env or ())
+    spec_names = _env_names(spec.ports)
+    if (
+        len(set(names)) != len(names)
+        or bind & set(names)
+        or len(set(spec_names)) != len(spec_names)
+    ):
+        raise ValueError(_ENV_TWICE_MESSAGE)
+
+
+def _check_declared_blocks(spec: InferenceDeploymentSpec) -> None:
+    """Python twin of the three rules above."""
+    for role in spec.roles:
+        engine = role.engine or spec.engine
+        _check_env_names(spec, role)
+        for block, under in _effective_blocks(spec, role):
+            if not _enabled(block, under):
+                continue
+            rule = block.size_rule
+            if rule is None and block.size is None and under is not None:
+                rule = under.size_rule
+            if rule is not None:
+                count = {
+                    "perDataParallelRank": role.dp_local,
+                    "perRank": role.tensor_parallel_size * role.dp_local,
+                    "perGlobalDataParallelRank": role.data_parallel_size,
+                }[rule.basis]
+                if count * rule.multiplier + rule.plus > MAX_BLOCK_SIZE:
+                    raise ValueError(_RULE_SIZE_MESSAGE)
+            sized = any(
+                b is not None and (b.size, b.size_rule) != (None, None) for b in (block, under)
+            )
+            if engine.preset == "custom" and not sized:
+                raise ValueError(_CUSTOM_SIZE_MESSAGE)
+
+
 # ----------------------------------------------------------------------- roles
 
 
@@ -416,6 +671,12 @@ class RoleSpec(ApiModel):
                 "replicas must be a multiple of dataParallelSize / dataParallelSizeLocal "
                 "(the pods of one engine group)",
                 field_path=".replicas",
+            ),
+            cel(_unique_env_rule("self.ports"), _ENV_TWICE_MESSAGE, field_path=".ports"),
+            cel(
+                "!has(self.engine) || " + _own_vs_bind_env_rule("self.engine.bindAddressEnv"),
+                _ENV_TWICE_MESSAGE,
+                field_path=".ports",
             ),
         )
     )
@@ -472,6 +733,17 @@ class RoleSpec(ApiModel):
 class InferenceDeploymentSpec(ApiModel):
     """Desired state: the roles, their engine and ports, and their pod templates."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(_unique_env_rule(_SPEC), _ENV_TWICE_MESSAGE, field_path=".ports"),
+            cel(_role_vs_spec_env_rule(), _ENV_TWICE_MESSAGE, field_path=".roles"),
+            cel(_spec_vs_bind_env_rule(), _ENV_TWICE_MESSAGE, field_path=".roles"),
+            cel(_role_vs_spec_bind_env_rule(), _ENV_TWICE_MESSAGE, field_path=".roles"),
+            cel(_custom_sizes_rule(), _CUSTOM_SIZE_MESSAGE, field_path=".roles"),
+            cel(_size_rule_bound_rule(), _RULE_SIZE_MESSAGE, field_path=".roles"),
+        )
+    )
+
     engine: EngineSpec
     """Engine preset for every role (a role may override it)."""
 
@@ -497,6 +769,7 @@ class InferenceDeploymentSpec(ApiModel):
     def _check(self) -> InferenceDeploymentSpec:
         _unique([r.name for r in self.roles], "role names")
         _unique_blocks(self.ports)
+        _check_declared_blocks(self)
         return self
 
 

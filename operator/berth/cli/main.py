@@ -1,83 +1,63 @@
-"""``berth ranges``: the per-node range map, read from the ledgers.
+"""``berth``: the command-line tool (the operator itself is ``python -m berth``).
 
-Works against any cluster the kubeconfig points at; needs only read access
-to the ledger ConfigMaps in the operator's namespace.
+``berth ranges`` prints the per-node range map from the ledgers; ``berth
+check`` compares ledgers, delivered ports, ConfigMaps and foreign claims.
+Both work against whatever cluster the kubeconfig points at, read-only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from berth.cli import check, ranges
 from berth.config import OperatorConfig
-from berth.kube import Kube
+from berth.kube import Kube, path
 from berth.ledger.records import NodeLedger
 from berth.ledger.store import LedgerStore
+from berth.names import LABEL_MANAGED_BY, MANAGED_BY
 
 
-def render_table(ledgers: Sequence[NodeLedger]) -> str:
-    lines = []
-    for ledger in sorted(ledgers, key=lambda ledger: ledger.node):
-        pool = ledger.pool
-        lines.append(
-            f"{ledger.node}  pool={ledger.pool_config.name} "
-            f"[{','.join(map(str, ledger.pool_config.ranges))}]  "
-            f"used={pool.size - pool.free}/{pool.size}"
-        )
-        for holder, assignment in ledger.held():
-            blocks = " ".join(f"{name}={rng}" for name, rng in assignment.blocks.items())
-            who = f"{holder.namespace}/{holder.pod}"
-            lines.append(f"  {who:<40} {holder.role or '-':<8} {blocks}")
-    return "\n".join(lines) if lines else "(no allocations)"
-
-
-def render_json(ledgers: Sequence[NodeLedger]) -> str:
-    out = {
-        ledger.node: {
-            "pool": ledger.pool_config.name,
-            "ranges": [str(r) for r in ledger.pool_config.ranges],
-            "pods": [
-                {
-                    "namespace": h.namespace,
-                    "pod": h.pod,
-                    "uid": h.uid,
-                    "deployment": h.deployment,
-                    "role": h.role,
-                    "blocks": {n: str(r) for n, r in a.blocks.items()},
-                }
-                for h, a in ledger.held()
-            ],
-        }
-        for ledger in ledgers
-    }
-    return json.dumps(out, indent=2, sort_keys=True)
-
-
-async def _ledgers(namespace: str) -> list[NodeLedger]:
+async def _read(namespace: str, everything: bool) -> tuple[list[NodeLedger], list[Any], list[Any]]:
     client = await Kube.connect()
     try:
-        return await LedgerStore(client, namespace).list()
+        ledgers = await LedgerStore(client, namespace).list()
+        if not everything:
+            return ledgers, [], []
+        pods = await client.list(path("pods"))
+        managed = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        configmaps = await client.list(path("configmaps"), label_selector=managed)
+        return ledgers, pods, configmaps
     finally:
         await client.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="berth", description="Berth port ranges")
+    parser = argparse.ArgumentParser(prog="berth", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ranges = sub.add_parser("ranges", help="print the per-node range map")
-    ranges.add_argument(
-        "--namespace",
-        default=OperatorConfig.from_env().namespace,
-        help="the operator's namespace, where the ledgers live",
-    )
-    ranges.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    for name, text in (
+        ("ranges", "print the per-node range map"),
+        ("check", "find overlaps and disagreements; exit 1 on any overlap"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument(
+            "--namespace",
+            default=OperatorConfig.from_env().namespace,
+            help="the operator's namespace, where the ledgers live",
+        )
+        command.add_argument("-o", "--output", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
-    ledgers = asyncio.run(_ledgers(args.namespace))
-    print(render_json(ledgers) if args.output == "json" else render_table(ledgers))
-    return 0
+    json_out = args.output == "json"
+    ledgers, pods, configmaps = asyncio.run(_read(args.namespace, args.command == "check"))
+    if args.command == "ranges":
+        print(ranges.render_json(ledgers) if json_out else ranges.render_table(ledgers))
+        return 0
+    findings = check.find(ledgers, pods, configmaps)
+    print(check.render_json(findings) if json_out else check.render_text(findings))
+    return 1 if any(f.error for f in findings) else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""kopf handlers: thin, they call the layers below. Importing registers them."""
+"""kopf handlers, thin: they call the layers below. Importing registers them."""
 
-from berth.controllers import cluster, deployments, pods, startup
+from berth.controllers import inferencedeployments, pods, startup, watches
 
-__all__ = ["cluster", "deployments", "pods", "startup"]
+__all__ = ["inferencedeployments", "pods", "startup", "watches"]

@@ -1,4 +1,4 @@
-"""Pod events: allocate when a Berth pod is bound, release when it is gone.
+"""Berth's pods: allocate when one is bound, release when it is gone or finished.
 
 Low-level event handlers, not @kopf.on.create/update: those would write
 progress annotations, finalizers and an extra PATCH into every pod.
@@ -11,23 +11,25 @@ from typing import Any
 import kopf
 
 from berth import metrics
-from berth.controllers.runtime import Runtime
 from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
-from berth.ports import is_terminated
+from berth.pods import is_terminated
+from berth.runtime import Runtime
 
 
 @kopf.on.event("pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: kopf.PRESENT})
 async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
     metrics.POD_EVENTS.inc()
-    runtime.cluster.observe_pod(type, body)  # what reconciles read
     pod = dict(body)
     meta = pod["metadata"]
+    runtime.view.observe_pod(type, pod)
+    runtime.allocation.observed(pod)
     if type == "DELETED":
-        await runtime.ports.release(pod, reason="pod deleted")
+        await runtime.allocation.release(pod, reason="pod deleted")
     elif is_terminated(pod):
-        await runtime.ports.release(pod, reason=f"pod {pod['status']['phase']}")
+        await runtime.allocation.release(pod, reason=f"pod {pod['status']['phase']}")
     elif pod["spec"].get("nodeName") and not meta.get("deletionTimestamp"):
-        await runtime.ports.ensure_allocated(pod)
+        await runtime.allocation.ensure_allocated(pod)
+        await runtime.allocation.wake_followers(pod)
     # Let the owner recreate, scale and report (coalesced per deployment).
     runtime.refresh(meta["namespace"], meta["labels"][LABEL_DEPLOYMENT])

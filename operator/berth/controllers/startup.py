@@ -9,9 +9,9 @@ import kopf
 from prometheus_client import start_http_server
 
 from berth.config import OperatorConfig
-from berth.controllers.runtime import Runtime
 from berth.kube import Kube
 from berth.names import FINALIZER, GROUP
+from berth.runtime import Runtime
 
 log = logging.getLogger("berth.startup")
 
@@ -44,12 +44,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.networking.error_backoffs = (0.5, 1, 2, 5, 10)
     client = await Kube.connect()
     runtime = Runtime.build(config, client)
-    # Before any watch starts: allocation must know every pool and every
-    # host port already claimed from its first event on.
-    await runtime.cluster.resync(client, everything=True)
-    memo["runtime"] = runtime
     start_http_server(config.metrics_port)
-    runtime.start_sweeper()
+    # kopf starts no watch before start-up handlers finish.
+    await runtime.start()
+    memo["runtime"] = runtime
     log.info(
         "berth started: ledgers in namespace %s, default pool %s",
         config.namespace,

@@ -100,10 +100,16 @@ def resolve_role(spec: InferenceDeploymentSpec, role: RoleSpec) -> RolePlan:
                     f"{seen[binding.name]}"
                 )
             seen[binding.name] = f"port block {planned.name!r}"
+    group_env = rules.group_env(role)
+    for group in group_env:
+        if group.name in seen:
+            raise PresetError(f"env {group.name} is already set by {seen[group.name]}")
     return RolePlan(
         blocks=tuple(resolved),
         bind_address_env=bind_env,
         static_env=static_env,
         preset=engine.preset,
         rules=label,
+        group_env=group_env,
+        warnings=rules.warnings(role),
     )

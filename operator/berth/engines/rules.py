@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from berth.api import PortBlock, PortEnv, RoleSpec, SizeRule
-from berth.plan import EnvValue
+from berth.plan import EnvValue, GroupEnv
 
 Version = tuple[int, int, int]
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 BlockSource = Callable[[RoleSpec], list[PortBlock]]
+RoleNotes = Callable[[RoleSpec], tuple[str, ...]]
 SizeBasis = Literal["perDataParallelRank", "perRank", "perGlobalDataParallelRank"]
 
 
@@ -65,6 +66,10 @@ class RuleSet:
     blocks: BlockSource
     bind_address_env: tuple[str, ...] = ()
     static_env: Mapping[str, str] = field(default_factory=dict)
+    #: Env a multi-pod DP group's pods get from the group (see berth.plan.GroupEnv).
+    group_env: Callable[[RoleSpec], tuple[GroupEnv, ...]] = lambda role: ()
+    #: Ports this engine binds that no env or flag pins, for the status.
+    warnings: RoleNotes = lambda role: ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ class Preset:
     rule_sets: tuple[RuleSet, ...]
     #: What ``engine.version`` names (shown in errors).
     version_of: str
+
+    def supported(self) -> str:
+        return ", ".join(show_version(r.since) for r in self.rule_sets)
 
     def rules_for(self, version: str | None) -> tuple[RuleSet, str]:
         """The rule set for ``version`` (None: newest) and its label, e.g. ``>=0.11.1``."""
@@ -88,7 +96,8 @@ class Preset:
             if wanted < oldest:
                 raise PresetError(
                     f"preset {self.name} supports {self.version_of} {show_version(oldest)} "
-                    f"and newer, not {version}: use preset custom and declare the blocks"
+                    f"and newer (rule sets from {self.supported()}), not {version}: use "
+                    "preset custom and declare the blocks"
                 )
             chosen = max((r for r in self.rule_sets if r.since <= wanted), key=lambda r: r.since)
         index = self.rule_sets.index(chosen)

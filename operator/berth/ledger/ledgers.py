@@ -3,7 +3,7 @@
 The cache only saves reads. Each change is computed on the cached state and
 written with its resourceVersion; on conflict the node is re-read and the
 change recomputed, so a stale cache (another replica, a restart) can cost a
-retry but never a double allocation (I4, I5).
+retry but never a double allocation (I4, I5 in docs/design.md).
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from berth import metrics
 from berth.allocator import AllocationConflict, Assignment, BlockRequest, PoolExhausted
 from berth.allocator.ranges import PortRange
-from berth.api.pools import PoolConfig
-from berth.ledger.records import Holder, NodeLedger
-from berth.ledger.store import LedgerConflict, LedgerStore
+from berth.ledger.records import Held, Holder, NodeLedger, Repair
+from berth.ledger.store import LedgerConflict
+from berth.pools import Pool
 
 T = TypeVar("T")
 log = logging.getLogger("berth.ledger")
@@ -35,8 +35,9 @@ class LedgerBusy(Exception):
 class Allocation:
     holder: Holder
     assignment: Assignment
-    pool: PoolConfig
+    pool: Pool
     fresh: bool  # False when the holder already had it (idempotent replay)
+    repair: Repair = field(default_factory=Repair)
 
 
 class _Pending:
@@ -45,7 +46,7 @@ class _Pending:
     def __init__(
         self,
         change: Callable[[NodeLedger], tuple[Any, bool]],
-        pool: PoolConfig | None,
+        pool: Pool | None,
         node_uid: str | None,
     ) -> None:
         self.change = change
@@ -70,12 +71,25 @@ class _Pending:
         self.settled, self.error = True, error
 
 
+class LedgerStorage(Protocol):
+    """Where ledgers persist: ConfigMaps (store.py), or a dict in unit tests."""
+
+    async def load(self, node: str) -> NodeLedger | None: ...
+    async def list(self) -> list[NodeLedger]: ...
+    async def save(self, ledger: NodeLedger, node_uid: str | None = None) -> None: ...
+    def reference(self, node: str) -> dict[str, Any]: ...
+
+
 class Ledgers:
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: LedgerStorage) -> None:
         self._store = store
         self._cache: dict[str, NodeLedger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._queues: dict[str, list[_Pending]] = {}
+
+    def reference(self, node: str) -> dict[str, Any]:
+        """The node's ledger ConfigMap, as much of it as an Event needs."""
+        return self._store.reference(node)
 
     def cached(self) -> dict[str, NodeLedger]:
         """The last state seen of every node (for reports, never for decisions)."""
@@ -86,58 +100,97 @@ class Ledgers:
         node: str,
         holder: Holder,
         requests: Sequence[BlockRequest],
-        pool: PoolConfig,
+        pool: Pool,
         *,
         avoid: Sequence[PortRange] = (),
+        delivered: Callable[[], Sequence[Held]] = list,
+        own: Assignment | None = None,
         node_uid: str | None = None,
     ) -> Allocation:
-        """The holder's blocks on ``node``: already held, or newly carved out.
+        """The holder's blocks on ``node``: already delivered or held, or newly carved out.
 
-        Raises the allocator's PoolExhausted when they cannot fit.
+        ``delivered`` (the assignments live pods on the node were given) is
+        folded into a ledger this process has not verified yet (first read,
+        re-read after a conflict, found missing), so that a ledger lost or
+        edited since never hands out a port a running pod listens on. Raises
+        the allocator's PoolExhausted when the blocks cannot fit. ``own`` is
+        what the holder was already delivered: it is recorded and returned,
+        never replaced, even when it cannot be recorded (a conflict).
         """
 
         def change(ledger: NodeLedger) -> tuple[Allocation, bool]:
-            held = ledger.pool.get(holder.uid)
+            facts = list(delivered()) if ledger.unverified else []
+            if own is not None:
+                facts.append((holder, own))
+            repair = ledger.adopt_delivered(facts)
+            ledger.unverified = False
+            held = ledger.allocator.get(holder.uid) or own
             if held is not None:
-                return Allocation(
-                    ledger.holders[holder.uid], held, ledger.pool_config, False
-                ), False
-            if ledger.pool_config != pool:
-                # Never moves live allocations; those now outside stay held.
-                outside = ledger.pool.reconfigure(pool.ranges, pool.reserved)
-                ledger.pool_config = pool
-                for held in outside:
-                    owner = ledger.holders.get(held.owner)
-                    log.warning(
-                        "node %s: pool %s no longer covers the ports of %s; they stay held "
-                        "until the pod goes",
-                        node,
-                        pool.name,
-                        f"{owner.namespace}/{owner.pod}" if owner else held.owner,
-                    )
-            assignment = ledger.pool.allocate(holder.uid, requests, avoid)
+                owner = ledger.holders.get(holder.uid, holder)
+                return Allocation(owner, held, ledger.pool, False, repair), repair.changed
+            if ledger.pool != pool:
+                self._reconfigure(ledger, pool)
+            unrecorded = [span for _, a, _ in repair.conflicts for span in a.blocks.values()]
+            assignment = ledger.allocator.allocate(holder.uid, requests, [*avoid, *unrecorded])
             ledger.holders[holder.uid] = holder
-            return Allocation(holder, assignment, pool, True), True
+            return Allocation(holder, assignment, pool, True, repair), True
 
         return await self._update(node, pool, change, node_uid)
+
+    async def repair(
+        self, node: str, delivered: Sequence[Held], gone: Collection[str], pool: Pool
+    ) -> tuple[Repair, list[Held]]:
+        """Fold ``delivered`` into the node's ledger and drop the holders in ``gone``.
+
+        One CAS write for both; returns the repair and what was dropped.
+        """
+
+        def change(ledger: NodeLedger) -> tuple[tuple[Repair, list[Held]], bool]:
+            dropped = _drop(ledger, gone)
+            repair = ledger.adopt_delivered(delivered)
+            ledger.unverified = False
+            return (repair, dropped), repair.changed or bool(dropped)
+
+        return await self._update(node, pool, change, None)
+
+    @staticmethod
+    def _reconfigure(ledger: NodeLedger, pool: Pool) -> None:
+        """Take the node's current pool; live allocations never move, those now
+        outside it stay held until their pods go."""
+        outside = ledger.allocator.reconfigure(pool.ranges, pool.reserved)
+        ledger.pool = pool
+        for held in outside:
+            owner = ledger.holders.get(held.owner)
+            log.warning(
+                "node %s: pool %s no longer covers the ports of %s; they stay held "
+                "until the pod goes",
+                ledger.node,
+                pool.name,
+                f"{owner.namespace}/{owner.pod}" if owner else held.owner,
+            )
 
     async def release(self, node: str, uids: Collection[str]) -> list[tuple[Holder, Assignment]]:
         """Free what these holders hold on ``node``; returns what was freed."""
 
-        def change(ledger: NodeLedger) -> tuple[list[tuple[Holder, Assignment]], bool]:
-            freed = []
-            for uid in uids:
-                assignment = ledger.pool.release(uid)
-                if assignment is not None:
-                    freed.append((ledger.holders.pop(uid), assignment))
+        def change(ledger: NodeLedger) -> tuple[list[Held], bool]:
+            freed = _drop(ledger, uids)
             return freed, bool(freed)
 
         return await self._update(node, None, change, None)
 
     async def load_all(self) -> list[NodeLedger]:
-        """Fresh state of every node from the API server (start-up, sweeps)."""
+        """Fresh state of every node from the API server (start-up, sweeps).
+
+        A cached ledger the API server no longer has is dropped: the next
+        change on its node reads it again (missing) and rebuilds it.
+        """
         ledgers = await self._store.list()
+        listed = {ledger.node for ledger in ledgers}
+        for node in [n for n in self._cache if n not in listed]:
+            async with self._lock(node):
+                self._cache.pop(node, None)
         for ledger in ledgers:
+            ledger.unverified = True
             async with self._lock(ledger.node):
                 self._cache[ledger.node] = ledger
         return ledgers
@@ -148,7 +201,7 @@ class Ledgers:
     async def _update(
         self,
         node: str,
-        pool: PoolConfig | None,
+        pool: Pool | None,
         change: Callable[[NodeLedger], tuple[T, bool]],
         node_uid: str | None,
     ) -> T:
@@ -175,7 +228,7 @@ class Ledgers:
             for _ in range(MAX_ATTEMPTS):
                 ledger = await self._current(node, pool)
                 if ledger is None:  # nothing recorded and nothing to allocate from
-                    ledger = NodeLedger.empty(node, PoolConfig("none", ()))
+                    ledger = NodeLedger.empty(node, Pool("none", ()))
                     for pending in batch:
                         pending.run(ledger)
                     return
@@ -198,12 +251,22 @@ class Ledgers:
         for pending in batch:
             pending.fail(error)
 
-    async def _current(self, node: str, pool: PoolConfig | None) -> NodeLedger | None:
+    async def _current(self, node: str, pool: Pool | None) -> NodeLedger | None:
         ledger = self._cache.get(node)
         if ledger is None:
             ledger = await self._store.load(node)
             if ledger is None and pool is not None:
                 ledger = NodeLedger.empty(node, pool)
             if ledger is not None:
+                ledger.unverified = True
                 self._cache[node] = ledger
         return ledger
+
+
+def _drop(ledger: NodeLedger, uids: Collection[str]) -> list[Held]:
+    freed = []
+    for uid in uids:
+        assignment = ledger.allocator.release(uid)
+        if assignment is not None:
+            freed.append((ledger.holders.pop(uid), assignment))
+    return freed

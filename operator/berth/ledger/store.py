@@ -1,6 +1,6 @@
 """Per-node ledgers persisted as ConfigMaps, written with compare-and-swap.
 
-The API server is the arbiter (I5): every write carries the resourceVersion
+The API server is the arbiter (I5 in docs/design.md): every write carries the resourceVersion
 it was computed from, so of two writers working from the same state exactly
 one succeeds and the other re-reads — as Kubernetes' own NodePort allocator
 does with its bitmap object.
@@ -8,24 +8,36 @@ does with its bitmap object.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from berth import kube
-from berth.kube import Kube, KubeError
+from berth.allocator import AllocationConflict
+from berth.kube import KubeApi, KubeError
 from berth.ledger.records import NodeLedger
 from berth.names import (
     ANNOTATION_LEDGER_NODE,
     LABEL_LEDGER,
     LABEL_MANAGED_BY,
+    LEDGER_PREFIX,
     MANAGED_BY,
     ledger_configmap,
 )
+from berth.pools import Pool
+
+log = logging.getLogger("berth.ledger")
 
 
 class LedgerConflict(Exception):
     """Someone else wrote the ledger since we read it: re-read and retry."""
 
 
+#: The pool of a ledger that could not be read: allocation reconfigures it.
+UNKNOWN_POOL = Pool("unknown", ())
+
+
 class LedgerStore:
-    def __init__(self, client: Kube, namespace: str) -> None:
+    def __init__(self, client: KubeApi, namespace: str) -> None:
         self._client = client
         self._namespace = namespace
 
@@ -33,9 +45,15 @@ class LedgerStore:
         name = ledger_configmap(node) if node is not None else None
         return kube.path("configmaps", namespace=self._namespace, name=name)
 
+    def reference(self, node: str) -> dict[str, Any]:
+        meta = {"name": ledger_configmap(node), "namespace": self._namespace}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
+
     async def load(self, node: str) -> NodeLedger | None:
         body = await self._client.get_or_none(self._url(node))
-        return None if body is None else _decode(body)
+        if body is None:
+            return None
+        return _decode(body)
 
     async def list(self) -> list[NodeLedger]:
         bodies = await self._client.list(self._url(), label_selector=f"{LABEL_LEDGER}=true")
@@ -70,23 +88,26 @@ class LedgerStore:
         ledger.resource_version = saved["metadata"]["resourceVersion"]
         ledger.node_uid = node_uid
 
-    async def delete(self, ledger: NodeLedger) -> None:
-        """Delete only the version we saw (a precondition, as for writes)."""
-        precondition = {"preconditions": {"resourceVersion": ledger.resource_version}}
-        try:
-            await self._client.delete(self._url(ledger.node), precondition)
-        except KubeError as error:
-            if error.conflict:
-                raise LedgerConflict(str(error)) from error
-            raise
-
 
 def _decode(body: kube.Body) -> NodeLedger:
+    """The ledger in ``body``; one that does not parse comes back empty, keeping
+    its resourceVersion so the next CAS write replaces it with the repaired one."""
     metadata = body["metadata"]
-    node = metadata.get("annotations", {}).get(ANNOTATION_LEDGER_NODE) or metadata[
+    node = (metadata.get("annotations") or {}).get(ANNOTATION_LEDGER_NODE) or metadata[
         "name"
-    ].removeprefix("berth-ledger.")
-    ledger = NodeLedger.decode(node, body.get("data") or {}, metadata["resourceVersion"])
-    owners = [o for o in metadata.get("ownerReferences", []) if o.get("kind") == "Node"]
+    ].removeprefix(LEDGER_PREFIX)
+    version = metadata["resourceVersion"]
+    name = f"{metadata.get('namespace', '')}/{metadata['name']}"
+    try:
+        if (metadata.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
+            raise ValueError("Berth did not write it (no managed-by label)")
+        ledger = NodeLedger.decode(node, body.get("data") or {}, version)
+    except (ValueError, KeyError, AllocationConflict) as error:
+        damage = f"ledger {name} is unusable ({error}): rebuilt from the pods' delivered ports"
+        log.error("%s", damage)
+        ledger = NodeLedger.empty(node, UNKNOWN_POOL)
+        ledger.resource_version = version
+        ledger.damage = damage
+    owners = [o for o in metadata.get("ownerReferences") or () if o.get("kind") == "Node"]
     ledger.node_uid = owners[0]["uid"] if owners else None
     return ledger

@@ -20,23 +20,23 @@ from pydantic import ValidationError
 from berth import kube
 from berth.allocator.ranges import PortRange
 from berth.api import NodePortPool
-from berth.api.pools import PoolConfig, choose_pool
 from berth.config import OperatorConfig
-from berth.kube import Kube
-from berth.names import (
-    ANNOTATION_PORTS,
-    GROUP,
-    LABEL_DEPLOYMENT,
-    LABEL_MANAGED_BY,
-    MANAGED_BY,
-    VERSION,
+from berth.kube import KubeApi
+from berth.names import GROUP, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, VERSION
+from berth.pods import (
+    ForeignClaim,
+    foreign_claim,
+    is_berths,
+    is_terminated,
+    node_of,
+    worker_summary,
 )
-from berth.ports import is_terminated
+from berth.pools import Pool, choose_pool
 
 K = TypeVar("K")
 V = TypeVar("V")
 Body = Mapping[str, Any]
-log = logging.getLogger("berth.cluster")
+log = logging.getLogger("berth.view")
 
 
 class SnapshotCache(Generic[K, V]):
@@ -98,74 +98,41 @@ def pool_entry(body: Body) -> NodePortPool | None:
         return None
 
 
-def foreign_claim(pod: Body) -> tuple[str, tuple[int, ...]] | None:
-    """(node, host ports) a pod Berth does not manage holds, if any.
-
-    With hostNetwork, Kubernetes defaults hostPort to containerPort, so every
-    declared port of such a pod is a host port.
-    """
-    spec = pod.get("spec") or {}
-    labels = pod["metadata"].get("labels") or {}
-    node = spec.get("nodeName")
-    if labels.get(LABEL_MANAGED_BY) == MANAGED_BY or not node or is_terminated(pod):
-        return None
-    ports = {
-        port.get("hostPort") or port["containerPort"]
-        for container in spec.get("containers") or ()
-        for port in container.get("ports") or ()
-        if port.get("hostPort") or spec.get("hostNetwork")
-    }
-    return (node, tuple(sorted(ports))) if ports else None
-
-
-def is_berths(pod: Body) -> bool:
-    labels = pod["metadata"].get("labels") or {}
-    return labels.get(LABEL_MANAGED_BY) == MANAGED_BY and LABEL_DEPLOYMENT in labels
-
-
-def worker_summary(pod: Body) -> dict[str, Any]:
-    """The part of a worker pod reconciles read: a fraction of its memory."""
-    meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
-    kept = {k: meta[k] for k in ("name", "namespace", "uid", "deletionTimestamp") if k in meta}
-    ports = (meta.get("annotations") or {}).get(ANNOTATION_PORTS)
-    return {
-        "metadata": {
-            **kept,
-            "labels": dict(meta.get("labels") or {}),
-            "annotations": {ANNOTATION_PORTS: ports} if ports else {},
-        },
-        "spec": {"nodeName": spec["nodeName"]} if spec.get("nodeName") else {},
-        "status": {k: status[k] for k in ("phase", "hostIP", "podIP", "conditions") if k in status},
-    }
-
-
-class ClusterCache:
-    """The ClusterView allocation reads: no API call on the hot path."""
+class ClusterView:
+    """Nodes, pools, Berth's pods and others' host ports: no API call on the hot path."""
 
     def __init__(self, config: OperatorConfig) -> None:
-        self._default = PoolConfig("default", config.default_ranges, config.default_reserved)
+        self._default = config.default_pool
         self._nodes: SnapshotCache[str, tuple[str, dict[str, str]]] = SnapshotCache()
         self._pools: SnapshotCache[str, NodePortPool] = SnapshotCache()
-        self._foreign: SnapshotCache[str, tuple[str, tuple[int, ...]]] = SnapshotCache()
+        self._foreign: SnapshotCache[str, ForeignClaim] = SnapshotCache()
         self._workers: SnapshotCache[str, dict[str, Any]] = SnapshotCache()
 
-    def observe_node(self, event: str | None, body: Body) -> None:
-        gone = event == "DELETED"
-        self._nodes.observe(body["metadata"]["name"], None if gone else node_entry(body))
+    def observe_node(self, event: str | None, body: Body) -> bool:
+        """Take a node event; True when the node's labels (so maybe its pool) changed."""
+        name = body["metadata"]["name"]
+        before = self._nodes.get(name)
+        entry = None if event == "DELETED" else node_entry(body)
+        self._nodes.observe(name, entry)
+        return entry is not None and (before is None or before[1] != entry[1])
 
     def observe_pool(self, event: str | None, body: Body) -> None:
         gone = event == "DELETED"
         self._pools.observe(body["metadata"]["name"], None if gone else pool_entry(body))
 
-    def observe_pod(self, event: str | None, body: Body) -> None:
+    def observe_pod(self, event: str | None, body: Body) -> str | None:
+        """Take a pod event; returns the node of a foreign claim it adds or changes."""
         gone = event == "DELETED"
         uid = body["metadata"]["uid"]
         if is_berths(body):
             self._workers.observe(uid, None if gone else worker_summary(body))
-        else:
-            self._foreign.observe(uid, None if gone else foreign_claim(body))
+            return None
+        claim = None if gone else foreign_claim(body)
+        before = self._foreign.get(uid)
+        self._foreign.observe(uid, claim)
+        return claim.node if claim is not None and claim != before else None
 
-    async def resync(self, client: Kube, *, everything: bool = False) -> None:
+    async def resync(self, client: KubeApi, *, everything: bool = False) -> None:
         """Re-list nodes, pools and Berth's pods; with ``everything`` (at
         start-up), every pod for the host ports others claim too."""
 
@@ -191,7 +158,7 @@ class ClusterCache:
         # Start-up: one pass over every pod feeds both views (no watch runs
         # yet, so no event can race with it).
         mine: dict[str, dict[str, Any]] = {}
-        others: dict[str, tuple[str, tuple[int, ...]]] = {}
+        others: dict[str, ForeignClaim] = {}
         async for pod in client.iterate(pods_url):
             uid = pod["metadata"]["uid"]
             if is_berths(pod):
@@ -224,13 +191,26 @@ class ClusterCache:
     def pools(self) -> list[NodePortPool]:
         return list(self._pools.values())
 
-    def pool_for(self, node: str) -> PoolConfig:
+    def pool_for(self, node: str) -> Pool:
         return choose_pool(self.pools(), self.node_labels(node), self._default)
 
     def foreign_ports(self, node: str) -> Sequence[PortRange]:
         return [
-            PortRange(port, port)
-            for on, ports in self._foreign.values()
-            if on == node
-            for port in ports
+            PortRange(port, port) for claim in self.foreign_claims(node) for port in claim.ports
         ]
+
+    def foreign_claims(self, node: str | None = None) -> list[ForeignClaim]:
+        """Host ports other pods claim on ``node`` (every node: None)."""
+        return [claim for claim in self._foreign.values() if node in (None, claim.node)]
+
+    def worker(self, namespace: str, name: str) -> Body | None:
+        """One of Berth's pods by name (a scan: only DP group leaders are looked up)."""
+        for pod in self._workers.values():
+            meta = pod["metadata"]
+            if meta["name"] == name and meta["namespace"] == namespace:
+                return pod
+        return None
+
+    def live_on(self, node: str) -> list[Body]:
+        """Berth's pods bound to ``node`` that are not finished (summaries)."""
+        return [p for p in self._workers.values() if node_of(p) == node and not is_terminated(p)]

@@ -11,9 +11,9 @@ from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
 from berth.api import InferenceDeployment
 from berth.engines import resolve_role
+from berth.manifests import pod_ports_configmap_body, port_map_body, worker_pod
 from berth.names import ANNOTATION_PORT_PLAN, ANNOTATION_PORTS, LABEL_DEPLOYMENT
 from berth.plan import PlanError, PortPlan, first_global_rank
-from berth.workload import pod_ports_configmap_body, port_map_body, worker_pod
 
 
 def deployment(**role_extra: Any) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def test_port_env_comes_from_the_per_pod_configmap_before_user_env() -> None:
         for e in env
         if "configMapKeyRef" in e.get("valueFrom", {})
     }
-    assert set(refs) == set(plan.env_names())
+    assert set(refs) == {*plan.env_names(), *plan.group_env_names()}
     assert {r["name"] for r in refs.values()} == {"llama-decode-1-ports"}
     assert all(r["key"] == name for name, r in refs.items())
 
@@ -142,7 +142,8 @@ def test_rank_base_keeps_every_rank_inside_the_block() -> None:
 def test_configmaps_for_pod_and_deployment() -> None:
     pod, _ = build(0)
     pod["metadata"]["uid"] = "pod-uid"
-    cm = pod_ports_configmap_body(pod, {"BERTH_HTTP_PORT": "20000"})
+    assignment = Assignment("pod-uid", {"http": PortRange(20000, 20000)})
+    cm = pod_ports_configmap_body(pod, {"BERTH_HTTP_PORT": "20000"}, assignment)
     assert cm["metadata"]["name"] == "llama-decode-0-ports"
     assert cm["metadata"]["ownerReferences"][0] == {
         "apiVersion": "v1",
@@ -151,6 +152,8 @@ def test_configmaps_for_pod_and_deployment() -> None:
         "uid": "pod-uid",
     }
     assert cm["data"] == {"BERTH_HTTP_PORT": "20000"}
+    # The ConfigMap witnesses the delivery on its own (see repair.py).
+    assert cm["metadata"]["annotations"] == {ANNOTATION_PORTS: '{"http":"20000"}'}
     pod["metadata"]["annotations"][ANNOTATION_PORTS] = json.dumps({"http": "20000"})
     pod["spec"]["nodeName"] = "node-a"
     pod["status"] = {"hostIP": "10.0.0.7", "podIP": "10.0.0.7"}

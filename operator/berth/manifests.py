@@ -1,18 +1,17 @@
-"""Pure builders for the objects Berth writes: worker pods and their ConfigMaps."""
+"""Pure builders of the objects Berth writes: worker pods, per-pod and port-map ConfigMaps."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from berth.allocator import Assignment
 from berth.names import (
+    ANNOTATION_GROUP_LEADER,
     ANNOTATION_PORT_PLAN,
     ANNOTATION_PORTS,
-    ANNOTATION_TEMPLATE_HASH,
     API_VERSION,
     LABEL_DEPLOYMENT,
     LABEL_INDEX,
@@ -24,6 +23,7 @@ from berth.names import (
     port_map_configmap,
 )
 from berth.plan import PortPlan
+from berth.pods import delivered_ports, encode_ports
 
 Body = dict[str, Any]
 
@@ -39,21 +39,19 @@ def owner_reference(body: Mapping[str, Any]) -> Body:
     }
 
 
-def template_hash(template: Mapping[str, Any]) -> str:
-    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def worker_pod(
     deployment: Mapping[str, Any],
     role: str,
     index: int,
     template: Mapping[str, Any],
     plan: PortPlan,
+    *,
+    leader: str | None = None,
 ) -> Body:
     """The pod for worker ``index`` of ``role``.
 
-    Port env vars point into the per-pod ConfigMap, written once the
+    Port env vars (and, in a DP group that spans pods, the group env that
+    names its ``leader``) point into the per-pod ConfigMap, written once the
     scheduler has picked a node: the kubelet holds the container until it
     exists, so the engine never starts without its ports.
     """
@@ -76,7 +74,7 @@ def worker_pod(
             "name": env,
             "valueFrom": {"configMapKeyRef": {"name": pod_ports_configmap(name), "key": env}},
         }
-        for env in plan.env_names()
+        for env in [*plan.env_names(), *plan.group_env_names()]
     ]
     ours = {e["name"] for e in injected}
     for container in spec.get("containers", []):
@@ -94,7 +92,7 @@ def worker_pod(
     annotations = {
         **tmeta.get("annotations", {}),
         ANNOTATION_PORT_PLAN: plan.encode(),
-        ANNOTATION_TEMPLATE_HASH: template_hash(template),
+        **({ANNOTATION_GROUP_LEADER: leader} if leader and plan.role.group_env else {}),
     }
     return {
         "apiVersion": "v1",
@@ -110,46 +108,40 @@ def worker_pod(
     }
 
 
-def encode_ports(assignment: Assignment) -> str:
-    """The pod annotation mirroring its ports: ``{"http":"20000",...}``."""
-    return json.dumps(
-        {name: str(rng) for name, rng in assignment.blocks.items()}, separators=(",", ":")
-    )
+def pod_ports_configmap_body(
+    pod: Mapping[str, Any], env: Mapping[str, str], assignment: Assignment
+) -> Body:
+    """The ConfigMap the pod's port env vars resolve from.
 
-
-def pod_ports_configmap_body(pod: Mapping[str, Any], env: Mapping[str, str]) -> Body:
+    It also carries the assignment itself (annotation ``berth.dev/ports``):
+    the kubelet starts the containers as soon as this object exists, so it is
+    the first witness of a delivery, before the pod's own annotation.
+    """
     meta = pod["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": pod_ports_configmap(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {
-                LABEL_MANAGED_BY: MANAGED_BY,
-                LABEL_DEPLOYMENT: meta.get("labels", {}).get(LABEL_DEPLOYMENT, ""),
-            },
-            # Owned by the pod: the garbage collector removes it with the pod.
-            "ownerReferences": [
-                {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
-            ],
-        },
-        "data": dict(env),
-    }
+    body = _configmap(
+        pod,
+        pod_ports_configmap(meta["name"]),
+        meta.get("labels", {}).get(LABEL_DEPLOYMENT, ""),
+        # Owned by the pod: the garbage collector removes it with the pod.
+        {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+        dict(env),
+    )
+    body["metadata"]["annotations"] = {ANNOTATION_PORTS: encode_ports(assignment)}
+    return body
 
 
 def worker_entry(pod: Mapping[str, Any]) -> Body | None:
     """One worker's line in the deployment's port map, once it has ports."""
     meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
-    ports = meta.get("annotations", {}).get(ANNOTATION_PORTS)
-    if not ports:
+    ports = delivered_ports(pod)
+    if ports is None:
         return None
     return {
         "role": meta.get("labels", {}).get(LABEL_ROLE, ""),
         "node": spec.get("nodeName", ""),
         "hostIP": status.get("hostIP", ""),
         "podIP": status.get("podIP", ""),
-        "ports": json.loads(ports),
+        "ports": {name: str(span) for name, span in ports.items()},
     }
 
 
@@ -161,14 +153,22 @@ def port_map_body(deployment: Mapping[str, Any], pods: Sequence[Mapping[str, Any
         entry = worker_entry(pod)
         if entry is not None:
             data[pod["metadata"]["name"]] = json.dumps(entry, sort_keys=True)
+    name = port_map_configmap(meta["name"])
+    return _configmap(deployment, name, meta["name"], owner_reference(deployment), data)
+
+
+def _configmap(
+    owner: Mapping[str, Any], name: str, deployment: str, reference: Body, data: dict[str, str]
+) -> Body:
+    """A ConfigMap of Berth's beside ``owner``, labelled and owned so Berth knows it is its."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": port_map_configmap(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
-            "ownerReferences": [owner_reference(deployment)],
+            "name": name,
+            "namespace": owner["metadata"]["namespace"],
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: deployment},
+            "ownerReferences": [reference],
         },
         "data": data,
     }

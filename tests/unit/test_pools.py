@@ -8,7 +8,10 @@ import pytest
 
 from berth.allocator.ranges import PortRange
 from berth.api import NodePortPool
-from berth.api.pools import DEFAULT_POOL, PoolConfig, choose_pool, pool_matches
+from berth.config import OperatorConfig
+from berth.pools import Pool, choose_pool, pool_matches
+
+DEFAULT_POOL = OperatorConfig().default_pool
 
 
 def pool(
@@ -28,7 +31,7 @@ CPU = {"zone": "b"}
 
 
 def test_default_pool_is_below_nodeport_and_ephemeral_ranges() -> None:
-    assert PoolConfig("default", (PortRange(20000, 29999),), ()) == DEFAULT_POOL
+    assert Pool("default", (PortRange(20000, 29999),), ()) == DEFAULT_POOL
     assert DEFAULT_POOL.size == 10000
 
 
@@ -111,7 +114,7 @@ def test_pool_config_of_a_pool() -> None:
         ranges=[{"start": 24000, "end": 24999}, {"start": 20000, "end": 20999}],
         reserved=[{"start": 20100, "end": 20109}, {"start": 24000}, {"start": 20105, "end": 20120}],
     )
-    config = PoolConfig.of(p)
+    config = Pool.of(p)
     assert config.name == "gpu"
     assert config.ranges == (PortRange(20000, 20999), PortRange(24000, 24999))
     assert config.reserved == (

@@ -6,8 +6,8 @@ from typing import Any
 
 import kopf
 
-from berth.controllers.runtime import Runtime
 from berth.names import GROUP
+from berth.runtime import Runtime
 
 
 @kopf.on.resume(GROUP, "inferencedeployments")
@@ -15,4 +15,4 @@ from berth.names import GROUP
 @kopf.on.update(GROUP, "inferencedeployments", field="spec")
 async def reconcile_deployment(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
-    await runtime.deployments.reconcile(dict(body))
+    await runtime.reconciler.reconcile(dict(body))

@@ -4,7 +4,7 @@ State is the pool (configured ranges minus reserved ports), the free set
 (pool minus every held port) and who holds what. Both sets are sorted
 interval lists searched with ``bisect``, so an allocation costs a short scan
 of free runs, not a walk over ports. Nothing here does I/O: the ledger
-persists :meth:`NodePool.encode` and rebuilds with :meth:`NodePool.decode`.
+persists :meth:`Allocator.encode` and rebuilds with :meth:`Allocator.decode`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from berth.allocator.errors import AllocationConflict, PoolExhausted
 from berth.allocator.ranges import MAX_PORT, PortRange
 
 
-class NodePool:
+class Allocator:
     """Port ranges minus reserved ports, carved into blocks for owners (pod UIDs)."""
 
     __slots__ = (
@@ -101,7 +101,7 @@ class NodePool:
 
     def __eq__(self, other: object) -> bool:
         """Same configuration, same holders, same free ports: a faithful rebuild."""
-        if not isinstance(other, NodePool):
+        if not isinstance(other, Allocator):
             return NotImplemented
         return (
             self._ranges == other._ranges
@@ -116,7 +116,7 @@ class NodePool:
 
     def __repr__(self) -> str:
         ranges = ",".join(map(str, self._ranges))
-        return f"<NodePool {ranges} owners={len(self._held)} free={self._free}/{self._size}>"
+        return f"<Allocator {ranges} owners={len(self._held)} free={self._free}/{self._size}>"
 
     # ---------------------------------------------------------------- changes
 
@@ -132,7 +132,7 @@ class NodePool:
         ``avoid`` ports (other pods' declared host ports) count as taken for
         this call only. An owner that already holds an assignment gets it
         back unchanged, whatever it asks for now: a replayed event must never
-        move a running pod's ports (I3).
+        move a running pod's ports (I3, docs/design.md).
         """
         held = self._held.get(owner)
         if held is not None:
@@ -262,7 +262,7 @@ class NodePool:
         ranges: Sequence[PortRange],
         reserved: Sequence[PortRange],
         records: Mapping[str, str],
-    ) -> NodePool:
+    ) -> Allocator:
         """Rebuild a pool from :meth:`encode`'s output; equal to the original."""
         pool = cls(ranges, reserved)
         for owner, text in records.items():

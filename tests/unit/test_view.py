@@ -7,8 +7,9 @@ import asyncio
 from typing import Any
 
 from berth.allocator.ranges import PortRange
-from berth.cluster import ClusterCache, SnapshotCache, foreign_claim
 from berth.config import OperatorConfig
+from berth.pods import foreign_claim
+from berth.view import ClusterView, SnapshotCache
 
 Body = dict[str, Any]
 
@@ -28,7 +29,7 @@ def pod(
     if host_network:
         spec["hostNetwork"] = True
     return {
-        "metadata": {"name": f"pod-{uid}", "uid": uid, "labels": labels or {}},
+        "metadata": {"name": f"pod-{uid}", "namespace": "ns", "uid": uid, "labels": labels or {}},
         "spec": spec,
         "status": {"phase": phase},
     }
@@ -53,9 +54,11 @@ def node(name: str, labels: dict[str, str] | None = None) -> Body:
 
 def test_host_ports_are_claimed_and_container_ports_only_with_host_network() -> None:
     bridged = pod(ports=[{"containerPort": 80}, {"containerPort": 81, "hostPort": 9001}])
-    assert foreign_claim(bridged) == ("n1", (9001,))
+    claim = foreign_claim(bridged)
+    assert claim is not None and (claim.node, claim.ports) == ("n1", (9001,))
     host = pod(ports=[{"containerPort": 9100}, {"containerPort": 9101}], host_network=True)
-    assert foreign_claim(host) == ("n1", (9100, 9101))
+    claim = foreign_claim(host)
+    assert claim is not None and (claim.node, claim.ports) == ("n1", (9100, 9101))
 
 
 def test_pods_that_claim_nothing_on_a_node() -> None:
@@ -69,7 +72,7 @@ def test_pods_that_claim_nothing_on_a_node() -> None:
 
 
 def test_foreign_ports_follow_pod_events_per_node() -> None:
-    cache = ClusterCache(OperatorConfig())
+    cache = ClusterView(OperatorConfig())
     cache.observe_pod(None, pod("a", "n1", [{"containerPort": 1, "hostPort": 20005}]))
     cache.observe_pod("ADDED", pod("b", "n2", [{"containerPort": 1, "hostPort": 20006}]))
     assert cache.foreign_ports("n1") == [PortRange(20005, 20005)]
@@ -81,7 +84,7 @@ def test_foreign_ports_follow_pod_events_per_node() -> None:
 
 
 def test_pool_choice_follows_node_and_pool_events() -> None:
-    cache = ClusterCache(OperatorConfig())
+    cache = ClusterView(OperatorConfig())
     cache.observe_node(None, node("g1", {"gpu": "yes"}))
     cache.observe_node(None, node("c1"))
     cache.observe_pool(None, pool("gpu", 21000, 21999))
@@ -95,7 +98,7 @@ def test_pool_choice_follows_node_and_pool_events() -> None:
 
 
 def test_an_invalid_pool_is_left_out_not_raised() -> None:
-    cache = ClusterCache(OperatorConfig())
+    cache = ClusterView(OperatorConfig())
     broken = pool("broken", 22000, 21000)  # end before start: the schema refuses it
     cache.observe_pool(None, broken)
     assert cache.pools() == []
@@ -134,7 +137,7 @@ async def _const(value: dict[str, int]) -> dict[str, int]:
 
 
 def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
-    cache = ClusterCache(OperatorConfig())
+    cache = ClusterView(OperatorConfig())
     labels = {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "llama"}
     worker = pod("w1", "n1", [{"containerPort": 8000}], host_network=True, labels=labels)
     worker["metadata"].update(
@@ -154,7 +157,7 @@ def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
 
 
 class Listing:
-    """Collections by path: just what ClusterCache.resync iterates."""
+    """Collections by path: just what ClusterView.resync iterates."""
 
     def __init__(self, **collections: list[Body]) -> None:
         self.collections = collections
@@ -181,7 +184,7 @@ async def test_start_up_fills_every_view_with_one_pass_over_pods() -> None:
         nodeportpools=[pool("gpu", 21000, 21999)],
         pods=[worker, other],
     )
-    cache = ClusterCache(OperatorConfig())
+    cache = ClusterView(OperatorConfig())
     await cache.resync(client, everything=True)  # type: ignore[arg-type]
     assert cache.pool_for("g1").name == "gpu"
     assert [w["metadata"]["uid"] for w in cache.workers("ml", "llama")] == ["w1"]
