@@ -47,7 +47,7 @@ class NodeView(Protocol):
 
     def pool_for(self, node: str) -> Pool: ...
     def node_uid(self, node: str) -> str | None: ...
-    def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
+    def avoided_ports(self, node: str) -> Sequence[PortRange]: ...
     def live_on(self, node: str) -> list[Mapping[str, Any]]: ...
 
 
@@ -171,7 +171,7 @@ class AllocationService:
                 holder,
                 plan.requests(),
                 pool,
-                avoid=self.view.foreign_ports(node),
+                avoid=self.view.avoided_ports(node),
                 delivered=lambda: self.delivered_on(node),
                 own=own,
                 node_uid=self.view.node_uid(node),

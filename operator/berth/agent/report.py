@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from berth.agent.procfs import format_ranges, parse_port_range, parse_ranges, ports_of
 from berth.allocator import intervals
@@ -76,6 +77,20 @@ class NodeReport:
         starts, ends = [s for s, _ in inside], [e for _, e in inside]
         exposed = intervals.subtract(starts, ends, *intervals.normalise(self.kernel_reserved))
         return tuple(PortRange(s, e) for s, e in zip(*exposed, strict=True))
+
+
+def report_entry(body: Mapping[str, Any]) -> NodeReport | None:
+    """The report a ConfigMap carries; None when it is not one an agent wrote."""
+    meta = body["metadata"]
+    node = (meta.get("annotations") or {}).get(ANNOTATION_NODE) or str(meta["name"]).removeprefix(
+        REPORT_PREFIX
+    )
+    if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
+        return None
+    try:
+        return NodeReport.decode(node, body.get("data") or {})
+    except ValueError:
+        return None
 
 
 def report_body(
