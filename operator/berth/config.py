@@ -23,7 +23,8 @@ class OperatorConfig:
     default_ranges: tuple[PortRange, ...] = (PortRange(20000, 29999),)
     default_reserved: tuple[PortRange, ...] = ()
     sweep_interval: float = 60.0
-    #: Seconds between re-reads of the node agents' reports (node_reports.py).
+    #: Seconds between re-reads of the node agents' reports (node_reports.py);
+    #: 0 leaves them to the sweep (no agent runs).
     node_report_interval: float = 5.0
     metrics_port: int = 8080
     watch_namespaces: tuple[str, ...] = field(default=())

@@ -68,7 +68,8 @@ class Runtime:
         settle_heap()
         self.reports.warn_overlaps()
         self.background.append(asyncio.create_task(self._sweep_forever()))
-        self.background.append(asyncio.create_task(self.reports.follow()))
+        if self.reports.interval > 0:
+            self.background.append(asyncio.create_task(self.reports.follow()))
 
     async def _sweep_forever(self) -> None:
         # Jitter keeps replicas (and restarts) from sweeping in step.
