@@ -71,6 +71,12 @@ class NodeReports:
         """Re-list the reports and act on the nodes whose report changed."""
         changed = await self.view.resync_reports(self.client)
         for node in sorted(changed):
+            report = self.view.node_report(node)
+            log.info(
+                "node %s report: %s",
+                node,
+                "gone" if report is None else f"{len(report.listener_ports())} listeners",
+            )
             self.repairer.check_foreign(node)
             # A listener gone (or a node newly reporting) can change what fits.
             await self.allocation.retry_waiting(node)

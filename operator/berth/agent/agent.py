@@ -135,23 +135,29 @@ class Agent:
         self._node_uid: str | None = None
         self._pool: Pool | None = None
         self._pool_read = float("-inf")
+        self.started = False
 
     async def start(self) -> None:
+        """Resume from the stored report: what an earlier run reserved is ours."""
         earlier = await self.writer.load()
         if self.config.reserve:
             self.reservation = KernelReservation(
                 self.proc, earlier.agent_reserved if earlier else ()
             )
+        self.started = True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop`` is set, then take back the kernel reservation."""
-        await self.start()
         try:
             while not stop.is_set():
                 try:
+                    if not self.started:
+                        await self.start()
                     await self.step()
                 except TRANSIENT as error:
                     log.warning("node %s: report deferred: %s", self.config.node, error)
+                except NotOurs as error:
+                    log.error("%s", error)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.config.interval)
         finally:
