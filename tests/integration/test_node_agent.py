@@ -200,6 +200,25 @@ def fake_proc(root: Path, port_range: str = "32768 60999") -> Path:
     return root
 
 
+# --- the chart's agent objects on the API server -------------------------------
+
+
+@pytest.mark.parametrize("reserve", [False, True])
+def test_agent_objects_pass_server_side_validation(
+    cluster: Any, namespace: str, reserve: bool
+) -> None:
+    args = [helm_binary(), "template", "berth", str(CHART), "--namespace", namespace]
+    args += ["--set", "agent.enabled=true", "--set", f"agent.reserveKernelPorts={reserve}"]
+    for template in ("agent-daemonset.yaml", "agent-rbac.yaml"):
+        args += ["--show-only", f"templates/{template}"]
+    manifest = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/warn=restricted")
+    out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
+    assert "daemonset.apps/berth-agent created (server dry run)" in out.stdout
+    # Why the agent is off by default: no hostNetwork under the restricted standard.
+    assert "would violate PodSecurity" in out.stderr and "hostNetwork" in out.stderr
+
+
 # --- RBAC: sufficient, necessary, nothing else --------------------------------
 
 RBAC_DENIAL = re.compile(r"cannot [a-z]+ resource")
