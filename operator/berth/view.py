@@ -231,8 +231,8 @@ class ClusterView:
         """Ports never handed out on ``node``: other pods' host ports, and every
         listener its agent reported (a port Berth holds is not free anyway)."""
         report = self._reports.get(node)
-        listening = sorted(report.listener_ports()) if report else ()
-        return [*self.foreign_ports(node), *(PortRange(port, port) for port in listening)]
+        listening = (*report.tcp, *report.udp) if report else ()
+        return [*self.foreign_ports(node), *listening]
 
     def foreign_claims(self, node: str | None = None) -> list[ForeignClaim]:
         """Host ports other pods claim on ``node`` (every node: None)."""
