@@ -187,6 +187,19 @@ def test_writer_writes_once_per_change() -> None:
     assert stored["metadata"]["labels"]["berth.dev/node-report"] == "true"
 
 
+def test_writer_adds_the_owner_once_the_node_is_known() -> None:
+    kube = FakeKube()
+    writer = ReportWriter(kube, "berth-system", "n1")
+    report = NodeReport("n1", tcp=(PortRange(22, 22),))
+    assert run(writer.publish(report, None)) is True
+    assert run(writer.publish(report, "node-uid")) is True
+    assert run(writer.publish(report, "node-uid")) is False
+    assert run(writer.publish(report, None)) is False  # a failed Node read keeps the owner
+    stored = kube.at(f"{CONFIGMAPS}/{report_configmap('n1')}")
+    assert stored is not None
+    assert stored["metadata"]["ownerReferences"][0]["uid"] == "node-uid"
+
+
 def test_writer_survives_a_concurrent_write_with_cas() -> None:
     kube = FakeKube()
     writer = ReportWriter(kube, "berth-system", "n1")

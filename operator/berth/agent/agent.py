@@ -78,6 +78,7 @@ class ReportWriter:
         self._node = node
         self._version: str | None = None
         self._written: dict[str, str] | None = None
+        self._owner: str | None = None
         self.writes = 0
 
     def _url(self, named: bool = True) -> str:
@@ -88,7 +89,7 @@ class ReportWriter:
         """The stored report (to resume from); raises NotOurs on a foreign ConfigMap."""
         body = await self._client.get_or_none(self._url())
         if body is None:
-            self._version, self._written = None, None
+            self._version, self._written, self._owner = None, None, None
             return None
         if not is_managed(body):
             raise NotOurs(
@@ -97,6 +98,8 @@ class ReportWriter:
             )
         self._version = body["metadata"]["resourceVersion"]
         self._written = dict(body.get("data") or {})
+        owners = body["metadata"].get("ownerReferences") or ()
+        self._owner = next((o.get("uid") for o in owners if o.get("kind") == "Node"), None)
         try:
             return NodeReport.decode(self._node, self._written)
         except ValueError:
@@ -105,7 +108,9 @@ class ReportWriter:
     async def publish(self, report: NodeReport, node_uid: str | None) -> bool:
         """Write ``report`` unless it is what the object already says; True if written."""
         data = report.encode()
-        while data != self._written:
+        # A report written before the Node could be read gets its owner later.
+        node_uid = node_uid or self._owner
+        while data != self._written or node_uid != self._owner:
             body = report_body(report, self._namespace, node_uid, self._version)
             try:
                 if self._version is None:
@@ -118,7 +123,7 @@ class ReportWriter:
                 await self.load()  # someone else wrote or deleted it: start from theirs
                 continue
             self._version = saved["metadata"]["resourceVersion"]
-            self._written = data
+            self._written, self._owner = data, node_uid
             self.writes += 1
             log.info("report of node %s written: %s", self._node, data)
             return True
