@@ -422,12 +422,18 @@ def test_a_lowered_ephemeral_floor_is_flagged(
     agent.start()
     overlap = f"{floor}-{POOL.end}"
 
-    def node_events() -> list[str]:
-        found = events_about(cluster, "default", node, "EphemeralPortOverlap")
-        return [e["message"] for e in found if e["involvedObject"]["kind"] == "Node"]
+    expected = f"ports {overlap} of pool {POOL_NAME}"
 
-    messages = wait_for(node_events, timeout=30, what="an EphemeralPortOverlap Event on the node")
-    assert f"ports {overlap} of pool {POOL_NAME}" in messages[0]
+    def node_events() -> list[str]:
+        # Events outlive a test (and a kept cluster has older ones): find this one.
+        found = events_about(cluster, "default", node, "EphemeralPortOverlap")
+        return [
+            e["message"]
+            for e in found
+            if e["involvedObject"]["kind"] == "Node" and expected in e["message"]
+        ]
+
+    wait_for(node_events, timeout=30, what=f"an EphemeralPortOverlap Event saying {expected}")
     wait_for(
         lambda: (
             cluster.json("get", "nodeportpool", POOL_NAME).get("status", {}).get("ephemeralOverlap")
