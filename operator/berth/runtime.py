@@ -16,6 +16,7 @@ from berth.events import EventPoster
 from berth.kube import KubeApi
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
+from berth.node_reports import NodeReports
 from berth.reconcile import Reconciler
 from berth.repair import Repairer
 from berth.view import ClusterView
@@ -32,6 +33,7 @@ class Runtime:
     allocation: AllocationService
     reconciler: Reconciler
     repairer: Repairer
+    reports: NodeReports
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -48,7 +50,10 @@ class Runtime:
         )
         reconciler.waiting = allocation.waiting_reasons
         reconciler.conflicts = repairer.conflicts_of
-        return cls(config, client, view, allocation, reconciler, repairer)
+        reports = NodeReports(
+            client, view, repairer, allocation, post_event, config.node_report_interval
+        )
+        return cls(config, client, view, allocation, reconciler, repairer, reports)
 
     def refresh(self, namespace: str, name: str) -> None:
         self.reconciler.request_refresh(namespace, name)
@@ -61,7 +66,10 @@ class Runtime:
         await self.repairer.sweep(relist=False)
         metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
         settle_heap()
+        self.reports.warn_overlaps()
         self.background.append(asyncio.create_task(self._sweep_forever()))
+        if self.reports.interval > 0:
+            self.background.append(asyncio.create_task(self.reports.follow()))
 
     async def _sweep_forever(self) -> None:
         # Jitter keeps replicas (and restarts) from sweeping in step.

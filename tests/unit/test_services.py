@@ -70,6 +70,8 @@ class Bed:
         ledgers = Ledgers(LedgerStore(kube, "berth-system"))
         allocation = AllocationService(kube, ledgers, view, events)
         repairer = Repairer(kube, ledgers, view, allocation, events)
+        for node in ("n1", "n2"):
+            view.observe_node("ADDED", {"metadata": {"name": node, "uid": f"uid-{node}"}})
         for pod in kube.objects.values():
             if pod.get("kind") == "Pod":
                 view.observe_pod("ADDED", pod)
@@ -451,3 +453,14 @@ async def test_a_dp_group_follower_gets_its_leaders_address_and_rpc_port() -> No
     assert theirs["data"]["BERTH_DP_ADDRESS"] == mine["data"]["BERTH_DP_ADDRESS"] == "10.0.0.0"
     assert theirs["data"]["BERTH_DP_LEADER_RPC_PORT"] == mine["data"]["BERTH_DP_RPC_PORT"]
     assert theirs["data"]["BERTH_DP_START_RANK"] == "4"
+
+
+async def test_a_deleted_nodes_ledger_is_not_brought_back() -> None:
+    """The garbage collector removes a deleted node's ledger; its pods are going
+    away too, so repair must not write the ledger again (it would have no owner)."""
+    bed = Bed.make()
+    await bed.deliver("web-d-0", node="n2")
+    bed.view.observe_node("DELETED", {"metadata": {"name": "n2", "uid": "uid-n2"}})
+    await bed.kube.delete(f"{LEDGERS}/berth-ledger.n2")
+    await bed.repairer.sweep(relist=False)
+    assert ledger_of(bed.kube, "n2") is None

@@ -244,6 +244,11 @@ class NodePortPoolStatus(StatusModel):
     used: int | None = None
     """Ports currently allocated from this pool, over all its nodes."""
 
+    ephemeral_overlap: list[str] | None = None
+    """Nodes whose ephemeral port range (net.ipv4.ip_local_port_range, reported by the
+    node agent) overlaps this pool outside net.ipv4.ip_local_reserved_ports: outgoing
+    connections there can take pool ports. Each also gets an EphemeralPortOverlap Event."""
+
 
 class NodePortPool(ResourceObject):
     """Port ranges Berth hands out on a group of nodes (cluster-scoped).
