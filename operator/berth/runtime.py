@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import random
@@ -50,6 +51,7 @@ class Runtime:
         )
         reconciler.waiting = allocation.waiting_reasons
         reconciler.conflicts = repairer.conflicts_of
+        reconciler.remember = functools.partial(view.observe_pod, "ADDED")
         reports = NodeReports(
             client, view, repairer, allocation, post_event, config.node_report_interval
         )

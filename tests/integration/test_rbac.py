@@ -77,6 +77,7 @@ TRIGGERS: dict[Perm, int] = {
     ("ClusterRole", "", "configmaps", "create"): ALLOCATE,
     ("ClusterRole", "", "configmaps", "patch"): ALLOCATE,
     ("ClusterRole", "", "configmaps", "update"): SCALE_DOWN,
+    ("ClusterRole", "", "configmaps", "delete"): RESTART,
     ("ClusterRole", "", "nodes", "list"): START,
     ("ClusterRole", "", "nodes", "watch"): START,
     ("ClusterRole", "", "events", "create"): SPEC_ERROR,
@@ -386,7 +387,8 @@ class Drive:
 
     def restart(self) -> None:
         """A pod deleted while the operator is down: the start-up sweep re-reads it
-        (GET) before reclaiming its ports."""
+        (GET) before reclaiming its ports. Its ConfigMap is orphaned, so the pod
+        that replaces it finds it and must delete it first."""
         assert self.operator is not None
         self.operator.stop()
         victim = f"{DEPLOYMENT}-worker-1"
@@ -399,6 +401,7 @@ class Drive:
             self.namespace,
             "--grace-period=0",
             "--force",
+            "--cascade=orphan",
             check=False,
         )
         wait_for(lambda: all(p["metadata"]["uid"] != uid for p in self.pods()), 30, what="pod gone")

@@ -33,7 +33,7 @@ Body = dict[str, Any]
 # What the operator calls, proven verb by verb by tests/integration/test_rbac.py.
 CLUSTER_RULES = {
     ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "configmaps"): {"get", "create", "update", "patch"},
+    ("", "configmaps"): {"get", "create", "update", "patch", "delete"},
     ("", "nodes"): {"list", "watch"},
     ("", "events"): {"create"},
     ("berth.dev", "inferencedeployments"): {"get", "list", "watch", "patch"},
@@ -46,7 +46,6 @@ LEDGER_RULES = {("", "configmaps"): {"list"}}
 UNUSED = [
     ("", "nodes", "get"),
     ("", "events", "patch"),
-    ("", "configmaps", "delete"),
     ("berth.dev", "inferencedeployments/status", "get"),
     ("berth.dev", "inferencedeployments/status", "update"),
     ("berth.dev", "nodeportpools", "get"),

@@ -464,3 +464,27 @@ async def test_a_deleted_nodes_ledger_is_not_brought_back() -> None:
     await bed.kube.delete(f"{LEDGERS}/berth-ledger.n2")
     await bed.repairer.sweep(relist=False)
     assert ledger_of(bed.kube, "n2") is None
+
+
+async def test_reconcile_drops_the_configmap_a_gone_pod_of_that_name_left() -> None:
+    kube, events = FakeKube(), Events()
+    view = ClusterView(OperatorConfig())
+    stale = {
+        "metadata": {
+            "name": "web-worker-0-ports",
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY},
+            "ownerReferences": [{"kind": "Pod", "name": "web-worker-0", "uid": "gone-uid"}],
+        },
+        "data": {"HTTP_PORT": "20000"},
+    }
+    kube.put(CONFIGMAPS, stale)
+    live = kube.put(PODS, {"kind": "Pod", "metadata": {"name": "web-worker-1"}, "spec": {}})
+    kept = {**stale, "metadata": {**stale["metadata"], "name": "web-worker-1-ports"}}
+    kept["metadata"]["ownerReferences"] = [
+        {"kind": "Pod", "name": "web-worker-1", "uid": live["metadata"]["uid"]}
+    ]
+    kube.put(CONFIGMAPS, kept)
+    await reconciler(kube, events, view).reconcile(deployment(kube))
+    assert kube.at(f"{CONFIGMAPS}/web-worker-0-ports") is None  # could start the new pod
+    assert kube.at(f"{PODS}/web-worker-0") is not None
+    assert kube.at(f"{CONFIGMAPS}/web-worker-1-ports") is not None  # its pod lives
