@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import urllib.parse
 from pathlib import Path
@@ -277,19 +278,14 @@ def operator_image_on(cluster: Any, node: str) -> str:
     return images.operator_image_name()
 
 
-def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace: str) -> None:
-    """The chart's pod runs the operator image for real: in-cluster config from
-    its ServiceAccount, probes answered, read-only root, uid 65532; the
-    example deployment (on the kwok GPU nodes) gets its ports from it."""
-    if not cluster.real_nodes:
-        pytest.fail("needs the local test bed's real node (BERTH_REAL_NODES >= 1)", pytrace=False)
-    node = cluster.real_nodes[0]
+def real_node_sets(cluster: Any, node: str, **extra: str) -> list[str]:
+    """helm --set arguments that run the chart's pods on the test bed's real node
+    with the image built here."""
     repository, _, tag = operator_image_on(cluster, node).rpartition(":")
     server_port = urllib.parse.urlsplit(
         yaml.safe_load(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"]["server"]
     ).port
     metrics, health = free_ports(2)
-    install_crds(cluster)
     overrides = {
         "image.repository": repository,
         "image.tag": tag,
@@ -306,12 +302,24 @@ def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace
         "extraEnv[0].value": "127.0.0.1",
         "extraEnv[1].name": "KUBERNETES_SERVICE_PORT",
         "extraEnv[1].value": str(server_port),
+        **extra,
     }
-    sets = [
+    return [
         arg
         for k, v in overrides.items()
         for arg in ("--set-string" if k.startswith("extraEnv") else "--set", f"{k}={v}")
     ]
+
+
+def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace: str) -> None:
+    """The chart's pod runs the operator image for real: in-cluster config from
+    its ServiceAccount, probes answered, read-only root, uid 65532; the
+    example deployment (on the kwok GPU nodes) gets its ports from it."""
+    if not cluster.real_nodes:
+        pytest.fail("needs the local test bed's real node (BERTH_REAL_NODES >= 1)", pytrace=False)
+    node = cluster.real_nodes[0]
+    install_crds(cluster)
+    sets = real_node_sets(cluster, node)
     try:
         helm(
             cluster,
@@ -360,3 +368,63 @@ def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace
         assert '"audit"' in log, log[-2000:]
     finally:
         helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+
+
+def test_helm_install_runs_the_node_agent_on_the_real_node(cluster: Any, namespace: str) -> None:
+    """The chart's agent DaemonSet, as a container on a real kubelet, reports
+    what is bound in the node's network namespace (docs/node-agent.md)."""
+    if not cluster.real_nodes:
+        pytest.fail("needs the local test bed's real node (BERTH_REAL_NODES >= 1)", pytrace=False)
+    node = cluster.real_nodes[0]
+    install_crds(cluster)
+    agent = {
+        "agent.enabled": "true",
+        "agent.intervalSeconds": "1",
+        "agent.nodeSelector.kubernetes\\.io/hostname": node,
+    }
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))  # the real node's pods share this network namespace
+        listener.listen()
+        port = listener.getsockname()[1]
+        try:
+            helm(
+                cluster,
+                "install",
+                RELEASE,
+                str(CHART),
+                "--namespace",
+                namespace,
+                *real_node_sets(cluster, node, **agent),
+                "--wait",
+                "--timeout",
+                "120s",
+            )
+
+            def reported() -> bool:
+                found = cluster.kubectl(
+                    "get",
+                    "configmap",
+                    f"berth-node.{node}",
+                    "-n",
+                    namespace,
+                    "-o",
+                    "json",
+                    check=False,
+                )
+                if found.returncode != 0:
+                    return False
+                tcp = json.loads(found.stdout)["data"].get("tcp", "")
+                return any(
+                    int(a) <= port <= int(b or a)
+                    for a, _, b in (part.partition("-") for part in tcp.split(",") if part)
+                )
+
+            wait_for(reported, timeout=60, what=f"the agent on {node} to report port {port}")
+            pods = cluster.json(
+                "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=node-agent"
+            )["items"]
+            (agent_pod,) = [p for p in pods if p["spec"]["nodeName"] == node]
+            (status,) = agent_pod["status"]["containerStatuses"]
+            assert status["ready"] and status["imageID"], "a real container, not kwok's word"
+        finally:
+            helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
