@@ -24,9 +24,8 @@ from berth.events import EventSink
 from berth.kube import KubeApi, KubeError
 from berth.ledger.ledgers import Allocation, LedgerBusy, Ledgers
 from berth.ledger.records import Held, Holder, Repair
-from berth.ledger.store import LedgerNotOwned
 from berth.manifests import pod_ports_configmap_body
-from berth.names import ANNOTATION_PORTS
+from berth.names import ANNOTATION_GROUP_LEADER, ANNOTATION_PORTS
 from berth.plan import PlanError, PortPlan
 from berth.pods import (
     decode_ports,
@@ -49,6 +48,7 @@ class NodeView(Protocol):
     def node_uid(self, node: str) -> str | None: ...
     def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
     def live_on(self, node: str) -> list[Mapping[str, Any]]: ...
+    def worker(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 
 
 @dataclass
@@ -73,6 +73,8 @@ class AllocationService:
     #: Called with (namespace, deployment) whenever a pod's ports change.
     on_change: Callable[[str, str], None] = lambda namespace, deployment: None
     _waiting: dict[str, Waiting] = field(default_factory=dict)
+    #: Pods of multi-pod DP groups holding ports, waiting for their leader's.
+    _followers: dict[str, Waiting] = field(default_factory=dict)
     #: node -> uid -> what this process delivered there, until the pod's own
     #: event shows it (and so that events queued before our patch cost no writes).
     _delivered: dict[str, dict[str, Held]] = field(default_factory=dict)
@@ -84,12 +86,15 @@ class AllocationService:
             if (h := holder_of(w.pod)).namespace == namespace and h.deployment == deployment
         ]
 
-    def delivered_on(self, node: str) -> list[Held]:
-        """Every assignment live pods on ``node`` were delivered, as far as known:
-        their annotations, or what this process delivered before their event came."""
+    def delivered_on(
+        self, node: str, live: Iterable[Mapping[str, Any]] | None = None
+    ) -> list[Held]:
+        """Every assignment the ``live`` pods on ``node`` (default: the view's)
+        were delivered, as far as known: their annotations, or what this
+        process delivered before their event came."""
         mine = self._delivered.get(node, {})
         known = []
-        for pod in self.view.live_on(node):
+        for pod in self.view.live_on(node) if live is None else live:
             holder = holder_of(pod)
             blocks = delivered_ports(pod)
             if blocks is not None:
@@ -108,7 +113,7 @@ class AllocationService:
             # Transient: the next sweep (or a release on its node) retries it.
             log.warning("ports for %s/%s deferred: %s", meta["namespace"], meta["name"], error)
             self._waiting[meta["uid"]] = Waiting(node, pod, f"retrying after: {error}")
-        except (LedgerNotOwned, NameTaken) as error:
+        except NameTaken as error:
             self._wait(pod, node, "NameTaken", str(error))
         return None
 
@@ -134,9 +139,15 @@ class AllocationService:
                 return allocation
             try:
                 env = plan.env(assignment)
+                group = self._group_env(pod, plan, assignment)
             except PlanError as error:  # e.g. a rank base that would fall below port 1
                 self._warn(pod, "InvalidPortPlan", str(error))
                 return None
+            if group is None:  # the leader's ports or address are not known yet
+                self._followers[holder.uid] = Waiting(node, pod, "waiting for its DP group leader")
+                return allocation
+            self._followers.pop(holder.uid, None)
+            env.update(group)
             # ConfigMap first, annotation last: the annotation says "delivered".
             earlier = await self._write_configmap(pod, env, assignment)
             if earlier is None:
@@ -202,10 +213,43 @@ class AllocationService:
             if mine is not None:
                 mine.pop(pod["metadata"]["uid"], None)
 
+    def _group_env(
+        self, pod: Mapping[str, Any], plan: PortPlan, assignment: Assignment
+    ) -> dict[str, str] | None:
+        """The env a pod takes from its DP group's leader, or None until it is known."""
+        if not plan.role.group_env:
+            return {}
+        meta = pod["metadata"]
+        name = (meta.get("annotations") or {}).get(ANNOTATION_GROUP_LEADER, meta["name"])
+        if name == meta["name"]:
+            leader, blocks = pod, assignment.blocks
+        else:
+            found = self.view.worker(meta["namespace"], name)
+            if found is None or (delivered := delivered_ports(found)) is None:
+                return None
+            leader, blocks = found, delivered
+        address = (leader.get("status") or {}).get("podIP")
+        if not address:
+            return None
+        return plan.group_env(Assignment(meta["uid"], blocks), address)
+
+    async def wake_followers(self, leader: Mapping[str, Any]) -> None:
+        """The pod's delivery or address changed: deliver to the pods of its group."""
+        meta = leader["metadata"]
+        for uid, entry in list(self._followers.items()):
+            theirs = entry.pod["metadata"]
+            if theirs["namespace"] == meta["namespace"] and (
+                (theirs.get("annotations") or {}).get(ANNOTATION_GROUP_LEADER) == meta["name"]
+            ):
+                current = self._followers.pop(uid, None)
+                if current is not None:
+                    await self.ensure_allocated(current.pod)
+
     async def release(self, pod: Mapping[str, Any], reason: str) -> None:
         """Free a deleted or finished pod's ports, then serve whoever waits there."""
         holder = holder_of(pod)
         self._waiting.pop(holder.uid, None)
+        self._followers.pop(holder.uid, None)
         node = pod.get("spec", {}).get("nodeName")
         if not node:
             return
@@ -232,6 +276,13 @@ class AllocationService:
 
     def report_repair(self, node: str, repair: Repair) -> None:
         """Audit what a fold of delivered ports changed in a ledger."""
+        if repair.damage:
+            self.post_event(
+                self.ledgers.reference(node),
+                type="Warning",
+                reason="LedgerRepaired",
+                message=repair.damage,
+            )
         for reason, changed in (
             ("delivered ports missing from the ledger", repair.adopted),
             ("ledger disagreed with the delivered ports", repair.replaced),

@@ -10,6 +10,7 @@ from typing import Any
 from berth.allocator import Assignment
 from berth.capacity import request_ports
 from berth.names import (
+    ANNOTATION_GROUP_LEADER,
     ANNOTATION_PORT_PLAN,
     ANNOTATION_PORTS,
     API_VERSION,
@@ -45,10 +46,13 @@ def worker_pod(
     index: int,
     template: Mapping[str, Any],
     plan: PortPlan,
+    *,
+    leader: str | None = None,
 ) -> Body:
     """The pod for worker ``index`` of ``role``.
 
-    Port env vars point into the per-pod ConfigMap, written once the
+    Port env vars (and, in a DP group that spans pods, the group env that
+    names its ``leader``) point into the per-pod ConfigMap, written once the
     scheduler has picked a node: the kubelet holds the container until it
     exists, so the engine never starts without its ports. The first
     container requests the plan's ports as ``berth.dev/ports`` (capacity.py).
@@ -72,7 +76,7 @@ def worker_pod(
             "name": env,
             "valueFrom": {"configMapKeyRef": {"name": pod_ports_configmap(name), "key": env}},
         }
-        for env in plan.env_names()
+        for env in [*plan.env_names(), *plan.group_env_names()]
     ]
     ours = {e["name"] for e in injected}
     for container in spec.get("containers", []):
@@ -93,6 +97,7 @@ def worker_pod(
     annotations = {
         **tmeta.get("annotations", {}),
         ANNOTATION_PORT_PLAN: plan.encode(),
+        **({ANNOTATION_GROUP_LEADER: leader} if leader and plan.role.group_env else {}),
     }
     return {
         "apiVersion": "v1",

@@ -17,6 +17,8 @@ LABEL_LEDGER = f"{GROUP}/ledger"
 ANNOTATION_PORT_PLAN = f"{GROUP}/port-plan"
 ANNOTATION_PORTS = f"{GROUP}/ports"
 ANNOTATION_LEDGER_NODE = f"{GROUP}/node"
+#: On pods of a DP group that spans pods: the pod holding the group's rank 0.
+ANNOTATION_GROUP_LEADER = f"{GROUP}/group-leader"
 
 FINALIZER = f"{GROUP}/finalizer"
 LEDGER_PREFIX = "berth-ledger."

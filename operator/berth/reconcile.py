@@ -144,6 +144,9 @@ class Reconciler:
         if message and message != active_message(previous, "Degraded"):
             reason = "NameClash" if observed.clashes else "ReconcileError"
             self.post_event(body, type="Warning", reason=reason, message=message)
+        unpinned = degraded_message(observed.warnings)
+        if unpinned and unpinned != active_message(previous, "PortsPinned", "False"):
+            self.post_event(body, type="Warning", reason="UnpinnedPorts", message=unpinned)
         await self._patch_status(body, previous, status)
 
     def _own_pods(
@@ -179,6 +182,7 @@ class Reconciler:
         except PresetError as error:
             observed.problems.append(f"role {role.name}: {error}")
             return set()
+        observed.warnings += [f"role {role.name}: {w}" for w in role_plan.warnings]
         template = role.template.model_dump(mode="json", by_alias=True, exclude_none=True)
         wanted = set()
         for index in range(role.replicas):
@@ -187,7 +191,8 @@ class Reconciler:
             pod = pods.get(pname)
             if pod is None:
                 plan = PortPlan(role_plan, first_global_rank(role, index))
-                manifest = worker_pod(body, role.name, index, template, plan)
+                leader = pod_name(meta["name"], role.name, index - index % role.pods_per_group)
+                manifest = worker_pod(body, role.name, index, template, plan, leader=leader)
                 await self._create_pod(manifest, meta["uid"], observed)
             elif is_terminated(pod):
                 # Finished for good: its ports are already released; replace it.

@@ -15,7 +15,7 @@ metric and an audit line; they are handed to nobody else.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,7 +129,7 @@ class Repairer:
                 self.on_change(holder.namespace, holder.deployment)
             dropped += len(freed)
             conflicts += delivered_conflicts(node, repair.conflicts, delivered)
-        conflicts += foreign_conflicts(self.view, self.ledgers.cached())
+        conflicts += foreign_conflicts(self.view.foreign_claims(), self.ledgers.cached())
         self._report(conflicts)
         metrics.RECLAIMED.inc(dropped)
         return dropped
@@ -139,13 +139,13 @@ class Repairer:
         ledger = self.ledgers.cached().get(node)
         if ledger is None:
             return
-        found = foreign_conflicts(self.view, {node: ledger})
+        found = foreign_conflicts(self.view.foreign_claims(node), {node: ledger})
         kept = [c for c in self._conflicts.values() if c.node != node or not c.foreign]
         self._report(kept + found)
 
-    async def _delivered(self, node: str, pods: Iterable[Mapping[str, Any]]) -> list[Held]:
+    async def _delivered(self, node: str, pods: Sequence[Mapping[str, Any]]) -> list[Held]:
         """What the live pods on ``node`` were delivered: annotation, else ConfigMap."""
-        known = {holder.uid: (holder, a) for holder, a in self.allocation.delivered_on(node)}
+        known = {h.uid: (h, a) for h, a in self.allocation.delivered_on(node, pods)}
         for pod in pods:
             uid = pod["metadata"]["uid"]
             if uid not in known and not pod["metadata"].get("deletionTimestamp"):
@@ -244,10 +244,12 @@ def delivered_conflicts(
     return found
 
 
-def foreign_conflicts(view: ClusterView, ledgers: Mapping[str, NodeLedger]) -> list[Conflict]:
+def foreign_conflicts(
+    claims: Iterable[ForeignClaim], ledgers: Mapping[str, NodeLedger]
+) -> list[Conflict]:
     """Host ports of other pods that fall inside blocks Berth's pods hold."""
     found = []
-    for claim in view.foreign_claims():
+    for claim in claims:
         ledger = ledgers.get(claim.node)
         if ledger is None:
             continue

@@ -34,6 +34,8 @@ class Observed:
     #: Port conflicts involving this deployment's pods (docs/design.md, repair).
     conflicts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Ports the engines may bind that their presets cannot pin (engines/).
+    warnings: list[str] = field(default_factory=list)
     #: Objects Berth needs whose names someone else's objects hold.
     clashes: list[str] = field(default_factory=list)
 
@@ -97,6 +99,14 @@ def deployment_status(
         ),
         _condition("PortsAllocated", ports_ok, ports_reason, ports_msg, generation),
         _condition(
+            "PortsPinned",
+            not observed.warnings,
+            "UnpinnedPorts" if observed.warnings else "AllPinned",
+            degraded_message(observed.warnings)
+            or "every port the engines bind is pinned inside their blocks",
+            generation,
+        ),
+        _condition(
             "PortConflict",
             bool(observed.conflicts),
             "PortConflict" if observed.conflicts else "NoConflict",
@@ -131,6 +141,7 @@ def degraded_condition(
 
 
 def degraded_message(problems: Sequence[str]) -> str:
+    """Problems as one condition message, cut to what humans read."""
     return "; ".join(problems)[:MAX_MESSAGE]
 
 
@@ -153,9 +164,11 @@ def merge_conditions(
     return list(merged.values())
 
 
-def active_message(status: InferenceDeploymentStatus | None, type_: str) -> str | None:
-    """The message of a condition that is True now (to post an Event only once)."""
+def active_message(
+    status: InferenceDeploymentStatus | None, type_: str, value: str = "True"
+) -> str | None:
+    """The message of a condition that has ``value`` now (to post an Event only once)."""
     condition = status.condition(type_) if status else None
-    if condition is not None and condition.status == "True":
+    if condition is not None and condition.status == value:
         return condition.message
     return None

@@ -203,6 +203,14 @@ class ClusterView:
         """Host ports other pods claim on ``node`` (every node: None)."""
         return [claim for claim in self._foreign.values() if node in (None, claim.node)]
 
+    def worker(self, namespace: str, name: str) -> Body | None:
+        """One of Berth's pods by name (a scan: only DP group leaders are looked up)."""
+        for pod in self._workers.values():
+            meta = pod["metadata"]
+            if meta["name"] == name and meta["namespace"] == namespace:
+                return pod
+        return None
+
     def live_on(self, node: str) -> list[Body]:
         """Berth's pods bound to ``node`` that are not finished (summaries)."""
         return [p for p in self._workers.values() if node_of(p) == node and not is_terminated(p)]

@@ -3,7 +3,7 @@
 The oracle keeps plain sets of ports and finds each block by scanning ports
 upwards, so it is obviously right and obviously slow. The real pool must
 agree with it after every allocate, release, adopt, rebuild and reconfigure,
-and the invariants of the brief (I1 no overlap, exact release, exact
+and the invariants of docs/design.md (I1 no overlap, exact release, exact
 rebuild, nothing moves) are checked after every step. Pools are small
 (ports 1000-1300) so that exhaustion, fragmentation and conflicts are common.
 """

@@ -96,7 +96,7 @@ def test_port_env_comes_from_the_per_pod_configmap_before_user_env() -> None:
         for e in env
         if "configMapKeyRef" in e.get("valueFrom", {})
     }
-    assert set(refs) == set(plan.env_names())
+    assert set(refs) == {*plan.env_names(), *plan.group_env_names()}
     assert {r["name"] for r in refs.values()} == {"llama-decode-1-ports"}
     assert all(r["key"] == name for name, r in refs.items())
 

@@ -23,6 +23,7 @@ from berth.config import OperatorConfig
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
 from berth.names import (
+    ANNOTATION_GROUP_LEADER,
     ANNOTATION_PORT_PLAN,
     ANNOTATION_PORTS,
     LABEL_DEPLOYMENT,
@@ -30,7 +31,7 @@ from berth.names import (
     LABEL_ROLE,
     MANAGED_BY,
 )
-from berth.plan import EnvBinding, PlanBlock, PortPlan, RolePlan
+from berth.plan import EnvBinding, GroupEnv, PlanBlock, PortPlan, RolePlan
 from berth.pods import decode_ports
 from berth.reconcile import Reconciler
 from berth.repair import Repairer
@@ -189,6 +190,18 @@ async def test_a_garbage_ledger_is_rebuilt_from_the_pods() -> None:
     assert_disjoint({**before, **await bed.deliver("web-d-2")})
     rebuilt = ledger_of(bed.kube)
     assert rebuilt is not None and rebuilt["data"]["pool"].startswith("default 20000-20099")
+    assert "LedgerRepaired" in bed.events.reasons()
+
+
+async def test_a_ledger_berth_did_not_write_is_replaced_by_the_repaired_one() -> None:
+    bed = Bed.make()
+    bed.kube.put(LEDGERS, {"metadata": {"name": "berth-ledger.n2"}, "data": {"x": "y"}})
+    after = await bed.deliver("web-d-1", node="n2")
+    assert after["web-d-1"]["http"] == PortRange(20000, 20000)
+    rebuilt = ledger_of(bed.kube, "n2")
+    assert rebuilt is not None and rebuilt["metadata"]["labels"][LABEL_MANAGED_BY] == MANAGED_BY
+    damage = [m for _, reason, m in bed.events.posted if reason == "LedgerRepaired"]
+    assert damage and "Berth did not write it" in damage[0]
 
 
 async def test_overlapping_deliveries_are_reported_and_given_to_nobody_else() -> None:
@@ -390,3 +403,41 @@ def test_port_map_entries_are_json_per_worker() -> None:
     assert decode_ports(entry) == {"http": PortRange(20000, 20000)}
     with pytest.raises(ValueError):
         decode_ports('["not", "a", "map"]')
+
+
+async def test_a_dp_group_follower_gets_its_leaders_address_and_rpc_port() -> None:
+    plan = RolePlan(
+        blocks=(PlanBlock("dp-rpc", 1, 1, (EnvBinding("BERTH_DP_RPC_PORT", "start"),)),),
+        group_env=(
+            GroupEnv("BERTH_DP_ADDRESS", "leaderAddress"),
+            GroupEnv("BERTH_DP_LEADER_RPC_PORT", "leaderBlock", "dp-rpc"),
+            GroupEnv("BERTH_DP_START_RANK", "firstRank"),
+        ),
+    )
+    bed = Bed.make()
+
+    def member(name: str, rank: int) -> Body:
+        pod = bed.pod(name)
+        annotations = {
+            ANNOTATION_PORT_PLAN: PortPlan(plan, rank).encode(),
+            ANNOTATION_GROUP_LEADER: "web-d-0",
+        }
+        meta = {**pod["metadata"], "annotations": annotations}
+        return {**pod, "metadata": meta, "status": {"phase": "Running", "podIP": f"10.0.0.{rank}"}}
+
+    follower = member("web-d-1", 4)
+    bed.kube.objects[f"{PODS}/web-d-1"] = follower
+    bed.view.observe_pod("MODIFIED", follower)
+    await bed.allocation.ensure_allocated(follower)
+    assert bed.kube.at(f"{CONFIGMAPS}/web-d-1-ports") is None  # the leader is unknown yet
+    leader = member("web-d-0", 0)
+    bed.kube.objects[f"{PODS}/web-d-0"] = leader
+    bed.view.observe_pod("MODIFIED", leader)
+    await bed.allocation.ensure_allocated(leader)
+    await bed.allocation.wake_followers(bed.current("web-d-0"))
+    theirs = bed.kube.at(f"{CONFIGMAPS}/web-d-1-ports")
+    mine = bed.kube.at(f"{CONFIGMAPS}/web-d-0-ports")
+    assert theirs is not None and mine is not None
+    assert theirs["data"]["BERTH_DP_ADDRESS"] == mine["data"]["BERTH_DP_ADDRESS"] == "10.0.0.0"
+    assert theirs["data"]["BERTH_DP_LEADER_RPC_PORT"] == mine["data"]["BERTH_DP_RPC_PORT"]
+    assert theirs["data"]["BERTH_DP_START_RANK"] == "4"

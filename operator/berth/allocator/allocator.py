@@ -132,7 +132,7 @@ class Allocator:
         ``avoid`` ports (other pods' declared host ports) count as taken for
         this call only. An owner that already holds an assignment gets it
         back unchanged, whatever it asks for now: a replayed event must never
-        move a running pod's ports (I3).
+        move a running pod's ports (I3, docs/design.md).
         """
         held = self._held.get(owner)
         if held is not None:

@@ -66,7 +66,7 @@ class AllocationConflict(Exception):
     """An assignment to adopt overlaps ports another owner already holds.
 
     Seen only when rebuilding from a corrupt or foreign record: two records
-    claiming one port must stop the rebuild, never be silently merged (I1).
+    claiming one port must stop the rebuild, never be silently merged (I1, docs/design.md).
     """
 
     def __init__(self, owner: str, block: str, ports: PortRange | None, holder: str) -> None:

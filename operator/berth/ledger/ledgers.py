@@ -3,7 +3,7 @@
 The cache only saves reads. Each change is computed on the cached state and
 written with its resourceVersion; on conflict the node is re-read and the
 change recomputed, so a stale cache (another replica, a restart) can cost a
-retry but never a double allocation (I4, I5).
+retry but never a double allocation (I4, I5 in docs/design.md).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class LedgerStorage(Protocol):
     async def load(self, node: str) -> NodeLedger | None: ...
     async def list(self) -> list[NodeLedger]: ...
     async def save(self, ledger: NodeLedger, node_uid: str | None = None) -> None: ...
+    def reference(self, node: str) -> dict[str, Any]: ...
 
 
 class Ledgers:
@@ -85,6 +86,10 @@ class Ledgers:
         self._cache: dict[str, NodeLedger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._queues: dict[str, list[_Pending]] = {}
+
+    def reference(self, node: str) -> dict[str, Any]:
+        """The node's ledger ConfigMap, as much of it as an Event needs."""
+        return self._store.reference(node)
 
     def cached(self) -> dict[str, NodeLedger]:
         """The last state seen of every node (for reports, never for decisions)."""

@@ -65,10 +65,12 @@ class Repair:
     #: blocks, the UID holding the ports). Left out of the ledger; never
     #: handed to anyone else (the caller avoids them).
     conflicts: list[tuple[Holder, Assignment, str]] = field(default_factory=list)
+    #: The stored ledger was unusable (garbage, or not Berth's): why.
+    damage: str = ""
 
     @property
     def changed(self) -> bool:
-        return bool(self.adopted or self.replaced or self.evicted)
+        return bool(self.adopted or self.replaced or self.evicted or self.damage)
 
 
 @dataclass
@@ -84,6 +86,8 @@ class NodeLedger:
     #: Read from the API server (or found missing) and not yet checked against
     #: the ports live pods were delivered.
     unverified: bool = False
+    #: Why the stored ledger could not be used, until a repair replaces it.
+    damage: str = ""
 
     @classmethod
     def empty(cls, node: str, pool: Pool) -> NodeLedger:
@@ -125,7 +129,8 @@ class NodeLedger:
         the pod. Only when two delivered assignments overlap (a hand edit or a
         bug) can both not be recorded; that is reported, not resolved.
         """
-        repair = Repair()
+        repair = Repair(damage=self.damage)
+        self.damage = ""
         delivered_uids = {holder.uid for holder, _ in delivered}
         for holder, assignment in delivered:
             held = self.allocator.get(holder.uid)

@@ -1,6 +1,6 @@
 """Per-node ledgers persisted as ConfigMaps, written with compare-and-swap.
 
-The API server is the arbiter (I5): every write carries the resourceVersion
+The API server is the arbiter (I5 in docs/design.md): every write carries the resourceVersion
 it was computed from, so of two writers working from the same state exactly
 one succeeds and the other re-reads — as Kubernetes' own NodePort allocator
 does with its bitmap object.
@@ -9,6 +9,7 @@ does with its bitmap object.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from berth import kube
 from berth.allocator import AllocationConflict
@@ -31,10 +32,6 @@ class LedgerConflict(Exception):
     """Someone else wrote the ledger since we read it: re-read and retry."""
 
 
-class LedgerNotOwned(Exception):
-    """The ledger's name is taken by a ConfigMap Berth did not write."""
-
-
 #: The pool of a ledger that could not be read: allocation reconfigures it.
 UNKNOWN_POOL = Pool("unknown", ())
 
@@ -48,16 +45,14 @@ class LedgerStore:
         name = ledger_configmap(node) if node is not None else None
         return kube.path("configmaps", namespace=self._namespace, name=name)
 
+    def reference(self, node: str) -> dict[str, Any]:
+        meta = {"name": ledger_configmap(node), "namespace": self._namespace}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
+
     async def load(self, node: str) -> NodeLedger | None:
         body = await self._client.get_or_none(self._url(node))
         if body is None:
             return None
-        labels = body["metadata"].get("labels") or {}
-        if labels.get(LABEL_MANAGED_BY) != MANAGED_BY:
-            raise LedgerNotOwned(
-                f"ConfigMap {self._namespace}/{ledger_configmap(node)} exists and Berth did not "
-                "write it: Berth allocates nothing on that node until it is deleted or renamed"
-            )
         return _decode(body)
 
     async def list(self) -> list[NodeLedger]:
@@ -102,16 +97,17 @@ def _decode(body: kube.Body) -> NodeLedger:
         "name"
     ].removeprefix(LEDGER_PREFIX)
     version = metadata["resourceVersion"]
+    name = f"{metadata.get('namespace', '')}/{metadata['name']}"
     try:
+        if (metadata.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
+            raise ValueError("Berth did not write it (no managed-by label)")
         ledger = NodeLedger.decode(node, body.get("data") or {}, version)
     except (ValueError, KeyError, AllocationConflict) as error:
-        log.error(
-            "ledger of node %s is unreadable (%s); it is rebuilt from the pods' delivered ports",
-            node,
-            error,
-        )
+        damage = f"ledger {name} is unusable ({error}): rebuilt from the pods' delivered ports"
+        log.error("%s", damage)
         ledger = NodeLedger.empty(node, UNKNOWN_POOL)
         ledger.resource_version = version
+        ledger.damage = damage
     owners = [o for o in metadata.get("ownerReferences") or () if o.get("kind") == "Node"]
     ledger.node_uid = owners[0]["uid"] if owners else None
     return ledger
