@@ -9,10 +9,10 @@ the count fits, and a kubelet's admission agrees.
 
 The figure is what first-fit can still serve, not the bare size: the pool's
 ranges minus reserved ports, minus ports other pods hold (foreign claims),
-minus free runs too short for the largest block Berth hands out (they could
-never take it). Pods' own holdings are not subtracted: the scheduler counts
-their requests. scripts/bench_fragmentation.py measures why the stranded
-runs matter.
+minus free runs too short for the largest block held on the nodes of that
+pool (they could never take such a block). Pods' own holdings are not
+subtracted: the scheduler counts their requests.
+scripts/bench_fragmentation.py measures why the stranded runs matter.
 
 Writes: a PATCH of ``nodes/<n>/status`` only when the figure changes. A
 change caused by an allocation or a release is written right away (in the
@@ -118,6 +118,12 @@ def scheduler_waiting(pods: Iterable[Body]) -> list[str]:
     return found
 
 
+@dataclass(frozen=True)
+class Largest:
+    block: int = 1
+    pod: int = 1
+
+
 class CapacityView(Protocol):
     """What the figure depends on, from memory (view.py)."""
 
@@ -145,9 +151,9 @@ class NodeCapacity:
     delay: float = 1.0
     #: node -> the figure it advertises, as last seen or written
     _published: dict[str, int | None] = field(default_factory=dict)
-    #: The largest block and the largest pod (ports) Berth holds anywhere.
-    _largest_block: int = 1
-    _largest_pod: int = 1
+    #: pool name -> the largest block and the largest pod (ports) held on
+    #: its nodes: what the pool's workloads ask for.
+    _largest: dict[str, Largest] = field(default_factory=dict)
     _coalescer: Coalescer[str] | None = None
 
     def observe_node(self, event: str | None, body: Body) -> None:
@@ -165,8 +171,9 @@ class NodeCapacity:
 
     async def refresh_all(self) -> None:
         """Every node, now (sweeps, pool changes)."""
-        self._largest_block = self._largest_pod = 1  # pods that held the largest may be gone
-        self._measure(self.ledgers.cached().values())
+        self._largest = {}  # the pods that held the largest may be gone
+        for node, ledger in self.ledgers.cached().items():
+            self._measure(node, ledger)
         for node in self.view.nodes():
             await self.refresh(node)
 
@@ -181,11 +188,10 @@ class NodeCapacity:
 
     def desired(self, node: str) -> int:
         ledger = self.ledgers.cached().get(node)
-        self._measure([ledger] if ledger is not None else [])
+        pool = self.view.pool_for(node)
         held = [span for a in _assignments(ledger) for span in a.blocks.values()]
-        return servable_ports(
-            self.view.pool_for(node), held, self.view.foreign_ports(node), self._largest_block
-        )
+        largest = self._measure(node, ledger)
+        return servable_ports(pool, held, self.view.foreign_ports(node), largest.block)
 
     async def refresh(self, node: str, only_if_tight: bool = False) -> bool:
         """Write the node's figure if it changed; True when written.
@@ -199,7 +205,8 @@ class NodeCapacity:
             return False
         if only_if_tight and have is not None:
             used = sum(a.ports() for a in _assignments(self.ledgers.cached().get(node)))
-            if not tight(have, want, used, self._largest_pod):
+            largest = self._largest.get(self.view.pool_for(node).name, Largest())
+            if not tight(have, want, used, largest.pod):
                 return False
         try:
             await self.client.merge_patch(
@@ -214,12 +221,15 @@ class NodeCapacity:
         self._published[node] = want
         return True
 
-    def _measure(self, ledgers: Iterable[NodeLedger]) -> None:
-        for ledger in ledgers:
-            for assignment in _assignments(ledger):
-                self._largest_pod = max(self._largest_pod, assignment.ports())
-                for span in assignment.blocks.values():
-                    self._largest_block = max(self._largest_block, span.size)
+    def _measure(self, node: str, ledger: NodeLedger | None) -> Largest:
+        """Fold the node's holdings into its pool's largest block and pod."""
+        name = self.view.pool_for(node).name
+        largest = self._largest.get(name, Largest())
+        for assignment in _assignments(ledger):
+            sizes = [span.size for span in assignment.blocks.values()]
+            largest = Largest(max([largest.block, *sizes]), max(largest.pod, sum(sizes)))
+        self._largest[name] = largest
+        return largest
 
     async def close(self) -> None:
         if self._coalescer is not None:
