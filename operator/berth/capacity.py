@@ -90,13 +90,21 @@ def declares_host_ports(pod: Body) -> bool:
     )
 
 
+#: Suffixes of whole quantities: the API server writes 10000 back as "10k".
+_SUFFIXES = {"k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def parse_count(text: str) -> int | None:
+    """A whole-number Kubernetes quantity (``16``, ``10k``); None for anything else."""
+    digits = text.rstrip("kKMGi")
+    factor = _SUFFIXES.get(text[len(digits) :], 1 if digits == text else 0)
+    return int(digits) * factor if digits.isdigit() and factor else None
+
+
 def published(node: Body) -> int | None:
     """The figure a node advertises now (None: none)."""
     value = ((node.get("status") or {}).get("allocatable") or {}).get(RESOURCE)
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+    return parse_count(str(value)) if value is not None else None
 
 
 def status_patch(count: int | None) -> dict[str, Any]:

@@ -205,6 +205,17 @@ async def test_remove_all_takes_the_resource_off_every_node() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "count"),
+    [("16", 16), ("10k", 10000), ("61k", 61000), ("1M", 10**6), ("2Ki", 2048), ("1.5k", None)],
+)
+def test_the_figure_is_read_back_in_the_api_servers_canonical_form(
+    text: str, count: int | None
+) -> None:
+    assert capacity.parse_count(text) == count
+    assert capacity.published({"status": {"allocatable": {capacity.RESOURCE: text}}}) == count
+
+
+@pytest.mark.parametrize(
     ("pod", "host"),
     [
         ({"spec": {"containers": [{"ports": [{"containerPort": 80}]}]}}, False),
