@@ -109,6 +109,18 @@ class Bed:
         return [e["message"] for e in items if e.get("reason") == "PortsExhausted"]
 
 
+def start(operator: OperatorProcess) -> OperatorProcess:
+    """Start it and wait for its start-up (which advertises every node) to finish."""
+
+    def starts() -> int:
+        return operator.log.read_text().count("berth started") if operator.log.exists() else 0
+
+    before = starts()
+    operator.start()
+    wait_for(lambda: starts() > before, 90, what="operator start-up")
+    return operator
+
+
 def make_nodes(cluster: Cluster, tag: str, count: int) -> list[str]:
     """kwok nodes for one test: labelled with ``tag`` and tainted so only its pods come."""
     names = []
@@ -149,7 +161,7 @@ def bed(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Bed]:
     ensure_namespace(cluster, OPERATOR_NAMESPACE)
     tag = namespace.rsplit("-", 1)[-1]
     nodes = make_nodes(cluster, tag, 2)
-    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log").start()
+    operator = start(OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log"))
     try:
         yield Bed(cluster, namespace, nodes, operator, tag)
     finally:
@@ -258,8 +270,8 @@ def test_the_figure_outlives_the_operator_a_restart_recomputes_it_and_uninstall_
     bed.pool(0, 40)
     time.sleep(2)
     assert figure(cluster, first) == 16
-    bed.operator.start()
-    bed.advertises(0, 40, timeout=30)
+    start(bed.operator)
+    bed.advertises(0, 40)
     assert figure(cluster, second) == 24
 
     bed.operator.stop()
@@ -313,7 +325,7 @@ def test_a_real_kubelet_keeps_the_figure_and_admits_pods_that_request_it(
     install_crds(cluster)
     ensure_namespace(cluster, OPERATOR_NAMESPACE)
     name = f"cap-real-{namespace}"
-    operator = OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log").start()
+    operator = start(OperatorProcess(cluster.kubeconfig, tmp_path / "operator.log"))
     try:
         apply(cluster, pool(name, real_node, 10, start=61900))
         wait_for(lambda: figure(cluster, real_node) == 10, 15, what="the real node's figure")
