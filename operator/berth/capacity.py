@@ -183,7 +183,10 @@ class NodeCapacity:
         for node, ledger in self.ledgers.cached().items():
             self._measure(node, ledger)
         for node in self.view.nodes():
-            await self.refresh(node)
+            try:
+                await self.refresh(node)
+            except KubeError as error:  # e.g. RBAC: allocation works on, say so loudly
+                log.error("cannot advertise %s on node %s: %s", RESOURCE, node, error)
 
     def ledger_changed(self, node: str) -> None:
         """An allocation or release on ``node``: look again soon, off the caller's path."""
@@ -248,9 +251,8 @@ async def remove_all(client: KubeApi) -> list[str]:
     """Uninstall: take ``berth.dev/ports`` off every node that advertises it."""
     removed = []
     async for node in client.iterate(kube.path("nodes")):
-        if published(node) is not None or RESOURCE in (node.get("status") or {}).get(
-            "capacity", {}
-        ):
+        status = node.get("status") or {}
+        if any(RESOURCE in (status.get(key) or {}) for key in ("capacity", "allocatable")):
             name = node["metadata"]["name"]
             await client.merge_patch(
                 kube.path("nodes", name=name, subresource="status"), status_patch(None)

@@ -14,6 +14,7 @@ from berth.allocator.ranges import PortRange
 from berth.api import InferenceDeploymentSpec
 from berth.capacity import NodeCapacity, scheduler_waiting, servable_ports, status_patch, tight
 from berth.engines import resolve_role
+from berth.kube import KubeError
 from berth.ledger.records import Holder, NodeLedger
 from berth.manifests import worker_pod
 from berth.plan import PortPlan
@@ -225,3 +226,20 @@ def test_the_figure_is_read_back_in_the_api_servers_canonical_form(
 )
 def test_which_pods_can_change_a_figure(pod: dict[str, Any], host: bool) -> None:
     assert capacity.declares_host_ports(pod) is host
+
+
+async def test_a_refused_write_is_logged_and_the_other_nodes_still_get_theirs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api, _, _, publisher = setup(node("a"), node("b"))
+    patch = api.merge_patch
+
+    async def refuse_a(url: str, body: dict[str, Any]) -> dict[str, Any]:
+        if url == f"{NODES}/a/status":
+            raise KubeError(403, "Forbidden", 'cannot patch resource "nodes/status"')
+        return await patch(url, body)
+
+    api.merge_patch = refuse_a  # type: ignore[method-assign]
+    await publisher.sync()
+    assert figure_of(api, "a") is None and figure_of(api, "b") == 90
+    assert 'cannot patch resource "nodes/status"' in caplog.text
