@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from testbed.cluster import node_manifest
+from testbed.toolchain import Toolchain
 from testbed.workloads import engine_deployment
 from tests.support.operator_process import OperatorProcess, wait_for
 from tests.support.scenarios import (
@@ -30,7 +31,7 @@ from tests.support.scenarios import (
     pods_of,
 )
 
-from berth.capacity import INSUFFICIENT, RESOURCE, published
+from berth.capacity import INSUFFICIENT, RESOURCE, published, status_patch
 
 ROOT = Path(__file__).resolve().parents[2]
 Cluster = Any  # tests/integration/conftest.py's Cluster
@@ -307,6 +308,64 @@ def test_kwoks_own_node_status_writes_keep_the_figure(bed: Bed) -> None:
     wait_for(ready_again, 30, what="kwok's node-initialize stage to run again")
     assert figure(cluster, node) == 16
     assert capacity_figure(cluster, node) == "16"
+
+
+def heartbeats(cluster: Cluster, node: str) -> str:
+    conditions = cluster.json("get", "node", node).get("status", {}).get("conditions") or []
+    return next((c["lastHeartbeatTime"] for c in conditions if c["type"] == "Ready"), "")
+
+
+def test_kwoks_heartbeat_keeps_the_figure(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    """kwok's node-heartbeat-with-lease stage, from its own module, run every
+    second by a kwok of our own for one node (the test bed's kwok runs it
+    every 10-20 minutes and manages only nodes annotated as fake)."""
+    if cluster.external:
+        pytest.fail("this test runs kwok against the local test bed", pytrace=False)
+    tools = Toolchain.from_env()
+    stages = {path.stem: path for path in tools.kwok_stages}
+    heartbeat = stages["node-heartbeat-with-lease"].read_text()
+    assert "durationMilliseconds: 600000" in heartbeat, "kwok's heartbeat stage changed"
+    fast = tmp_path / "heartbeat.yaml"
+    fast.write_text(heartbeat.replace("600000", "1000").replace("610000", "1500"))
+    name = f"cap-heartbeat-{namespace.rsplit('-', 1)[-1]}"
+    body = node_manifest(250, 8)
+    body["metadata"] = {"name": name, "labels": {"kubernetes.io/hostname": name}}
+    body["spec"] = {"taints": [{"key": TEST_KEY, "value": "heartbeat", "effect": "NoSchedule"}]}
+    body["status"]["addresses"] = [{"type": "InternalIP", "address": "172.18.250.1"}]
+    apply(cluster, body)
+    log = (tmp_path / "kwok.log").open("w")
+    kwok = subprocess.Popen(
+        [
+            str(tools.kwok),
+            f"--kubeconfig={Path(cluster.dir) / 'kwok.kubeconfig'}",
+            "--manage-all-nodes=false",
+            f"--manage-single-node={name}",
+            "--node-lease-duration-seconds=40",
+            f"--config={stages['node-initialize']}",
+            f"--config={fast}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: heartbeats(cluster, name), 30, what="kwok to initialise the node")
+        cluster.kubectl(
+            "patch", "node", name, "--subresource=status", "-p", json.dumps(status_patch(40))
+        )
+        seen: set[str] = set()
+
+        def three_more() -> bool:
+            seen.add(heartbeats(cluster, name))
+            return len(seen) > 3
+
+        wait_for(three_more, 30, what="three more heartbeats")
+        assert figure(cluster, name) == 40
+        assert capacity_figure(cluster, name) == "40"
+    finally:
+        kwok.terminate()
+        kwok.wait(10)
+        log.close()
+        cluster.kubectl("delete", "node", name, "--wait=false", check=False)
 
 
 @pytest.fixture
