@@ -13,6 +13,8 @@ source "$here/env.sh"
 missing=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v flock >/dev/null || missing+=(util-linux)
+# ip netns: the node agent's kernel-reservation test (tests/integration/test_node_agent.py).
+command -v ip >/dev/null || missing+=(iproute2)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 # The test bed's real node (testbed/realnode.py) and its images (testbed/images.py).
 command -v containerd >/dev/null || missing+=(containerd)

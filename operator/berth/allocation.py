@@ -46,9 +46,9 @@ class NodeView(Protocol):
 
     def pool_for(self, node: str) -> Pool: ...
     def node_uid(self, node: str) -> str | None: ...
-    def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
+    def avoided_ports(self, node: str) -> Sequence[PortRange]: ...
     def live_on(self, node: str) -> list[Mapping[str, Any]]: ...
-    def worker(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
+    def worker_named(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 
 
 @dataclass
@@ -182,7 +182,7 @@ class AllocationService:
                 holder,
                 plan.requests(),
                 pool,
-                avoid=self.view.foreign_ports(node),
+                avoid=self.view.avoided_ports(node),
                 delivered=lambda: self.delivered_on(node),
                 own=own,
                 node_uid=self.view.node_uid(node),
@@ -224,7 +224,7 @@ class AllocationService:
         if name == meta["name"]:
             leader, blocks = pod, assignment.blocks
         else:
-            found = self.view.worker(meta["namespace"], name)
+            found = self.view.worker_named(meta["namespace"], name)
             if found is None or (delivered := delivered_ports(found)) is None:
                 return None
             leader, blocks = found, delivered

@@ -8,10 +8,11 @@ plan's total in its first container: the scheduler binds a pod only where
 the count fits, and a kubelet's admission agrees.
 
 The figure is what first-fit can still serve, not the bare size: the pool's
-ranges minus reserved ports, minus ports other pods hold (foreign claims),
-minus free runs too short for the largest block held on the nodes of that
-pool (they could never take such a block). Pods' own holdings are not
-subtracted: the scheduler counts their requests.
+ranges minus reserved ports, minus ports other pods hold (foreign claims)
+and, with the node agent, ports something else listens on, minus free runs
+too short for the largest block held on the nodes of that pool (they could
+never take such a block). Pods' own holdings are not subtracted: the
+scheduler counts their requests.
 scripts/bench_fragmentation.py measures why the stranded runs matter.
 
 Writes: a PATCH of ``nodes/<n>/status`` only when the figure changes. A
@@ -57,20 +58,23 @@ def servable_ports(
     foreign: Iterable[PortRange] = (),
     largest_block: int = 1,
 ) -> int:
-    """What a node can advertise: pool minus foreign ports minus stranded free runs.
+    """What a node can advertise: the ports Berth's pods hold, plus the free
+    runs that can still take the largest block.
 
-    ``held`` are the ports Berth's pods hold (from the ledger): they stay in
-    the figure, since their pods' requests count against it, but they split
-    the free space into runs, and a run shorter than ``largest_block`` is
-    stranded.
+    ``held`` (from the ledger) stay in the figure: the scheduler subtracts
+    their pods' requests itself. ``foreign`` (other pods' host ports, the
+    node agent's listeners) count only where Berth holds nothing, so the
+    engines' own listeners are not taken twice. A free run shorter than
+    ``largest_block`` is stranded.
     """
     starts, ends = intervals.normalise(pool.ranges)
     starts, ends = intervals.without(starts, ends, pool.reserved)
-    mine_s, mine_e = intervals.without(starts, ends, foreign)
-    free_s, free_e = intervals.without(mine_s, mine_e, held)
+    held_s, held_e = intervals.normalise(held)
+    free_s, free_e = intervals.subtract(starts, ends, held_s, held_e)
+    held_in_pool = intervals.total(starts, ends) - intervals.total(free_s, free_e)
+    free_s, free_e = intervals.without(free_s, free_e, foreign)
     runs = (e - s + 1 for s, e in zip(free_s, free_e, strict=True))
-    stranded = sum(run for run in runs if run < largest_block)
-    return intervals.total(mine_s, mine_e) - stranded
+    return held_in_pool + sum(run for run in runs if run >= largest_block)
 
 
 def tight(have: int, want: int, used: int, largest_pod: int) -> bool:
@@ -137,7 +141,7 @@ class CapacityView(Protocol):
 
     def nodes(self) -> list[str]: ...
     def pool_for(self, node: str) -> Pool: ...
-    def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
+    def avoided_ports(self, node: str) -> Sequence[PortRange]: ...
 
 
 class LedgerCache(Protocol):
@@ -202,7 +206,7 @@ class NodeCapacity:
         pool = self.view.pool_for(node)
         held = [span for a in _assignments(ledger) for span in a.blocks.values()]
         largest = self._measure(node, ledger)
-        return servable_ports(pool, held, self.view.foreign_ports(node), largest.block)
+        return servable_ports(pool, held, self.view.avoided_ports(node), largest.block)
 
     async def refresh(self, node: str, only_if_tight: bool = False) -> bool:
         """Write the node's figure if it changed; True when written.

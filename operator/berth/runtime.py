@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import random
@@ -17,6 +18,7 @@ from berth.events import EventPoster
 from berth.kube import KubeApi
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
+from berth.node_reports import NodeReports
 from berth.reconcile import Reconciler
 from berth.repair import Repairer
 from berth.view import ClusterView
@@ -33,6 +35,7 @@ class Runtime:
     allocation: AllocationService
     reconciler: Reconciler
     repairer: Repairer
+    reports: NodeReports
     capacity: NodeCapacity
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -50,8 +53,12 @@ class Runtime:
         )
         reconciler.waiting = allocation.waiting_reasons
         reconciler.conflicts = repairer.conflicts_of
+        reconciler.remember = functools.partial(view.observe_pod, "ADDED")
+        reports = NodeReports(
+            client, view, repairer, allocation, post_event, config.node_report_interval
+        )
         capacity = NodeCapacity(client, view, ledgers)
-        return cls(config, client, view, allocation, reconciler, repairer, capacity)
+        return cls(config, client, view, allocation, reconciler, repairer, reports, capacity)
 
     def refresh(self, namespace: str, name: str) -> None:
         self.reconciler.request_refresh(namespace, name)
@@ -66,7 +73,10 @@ class Runtime:
         await self.capacity.sync()
         metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
         settle_heap()
+        self.reports.warn_overlaps()
         self.background.append(asyncio.create_task(self._sweep_forever()))
+        if self.reports.interval > 0:
+            self.background.append(asyncio.create_task(self.reports.follow()))
 
     async def _sweep_forever(self) -> None:
         # Jitter keeps replicas (and restarts) from sweeping in step.

@@ -4,8 +4,10 @@ delivers, failing loudly on EADDRINUSE.
 
 Pods use hostNetwork, so their listeners are checked in this (the host's)
 network namespace through /proc/net/tcp. The operator runs out of cluster.
-Each test gives the real node its own NodePortPool in 61000-61999 (above the
-ephemeral range), with a priority above every other pool.
+Each test gives the real node its own NodePortPool in 61000-61999, with a
+priority above every other pool: above this machine's ephemeral range, so
+the host's own connections never take those ports (allowUnsafeRanges, since
+ZeroMQ's random ports would; no process here uses them).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Pool:
                 "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": self.node}},
                 "ranges": [{"start": start, "end": end}],
                 "priority": 1000,
+                "allowUnsafeRanges": True,
             },
         }
         if reserved is not None:

@@ -32,6 +32,13 @@ def test_the_figure_is_the_pool_minus_reserved_and_foreign_ports() -> None:
     assert servable_ports(POOL, foreign=foreign) == 89
 
 
+def test_a_listener_inside_a_held_block_is_not_taken_twice() -> None:
+    held = [PortRange(20000, 20004)]
+    # The engine listening on its own port, and an agent-reported stranger.
+    avoided = [PortRange(20002, 20002), PortRange(20060, 20060)]
+    assert servable_ports(POOL, held, avoided) == 89
+
+
 def test_free_runs_too_short_for_the_largest_block_are_not_advertised() -> None:
     held = [PortRange(20004, 20004), PortRange(20030, 20030)]
     # Free runs: 20000-20003 (4), 20005-20009 (5), 20020-20029 (10), 20031-20099 (69).
@@ -112,7 +119,7 @@ class View:
     def pool_for(self, node: str) -> Pool:
         return self.pool
 
-    def foreign_ports(self, node: str) -> list[PortRange]:
+    def avoided_ports(self, node: str) -> list[PortRange]:
         return self.foreign.get(node, [])
 
 
@@ -180,8 +187,9 @@ async def test_pool_and_foreign_changes_are_written_and_allocations_only_when_ti
     # ...but it is once the node is nearly full, and at every sweep.
     ledgers.hold("a", "fill", PortRange(20020, 20180))
     assert await publisher.refresh("a", only_if_tight=True)
-    # Every free run is now shorter than the largest block (161): none can take it.
-    assert figure_of(api, "a") == 199 - (3 + 3 + 8 + 19)
+    # Every free run is now shorter than the largest block (161): none can take
+    # it. The foreign port lies inside the held block: not taken twice.
+    assert figure_of(api, "a") == 200 - (3 + 3 + 8 + 19)
 
 
 async def test_the_node_event_of_our_own_write_costs_nothing_and_a_removal_is_undone() -> None:

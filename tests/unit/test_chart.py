@@ -33,7 +33,7 @@ Body = dict[str, Any]
 # What the operator calls, proven verb by verb by tests/integration/test_rbac.py.
 CLUSTER_RULES = {
     ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "configmaps"): {"get", "create", "update", "patch"},
+    ("", "configmaps"): {"get", "create", "update", "patch", "delete"},
     ("", "nodes"): {"list", "watch"},
     ("", "nodes/status"): {"patch"},
     ("", "events"): {"create"},
@@ -49,7 +49,6 @@ UNUSED = [
     ("", "nodes/status", "get"),
     ("", "nodes/status", "update"),
     ("", "events", "patch"),
-    ("", "configmaps", "delete"),
     ("berth.dev", "inferencedeployments/status", "get"),
     ("berth.dev", "inferencedeployments/status", "update"),
     ("berth.dev", "nodeportpools", "get"),

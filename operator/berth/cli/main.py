@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from berth import capacity
+from berth.agent.report import REPORT_SELECTOR, NodeReport, report_entry
 from berth.cli import check, ranges
 from berth.config import OperatorConfig
 from berth.kube import Kube, path
@@ -24,16 +25,20 @@ from berth.ledger.store import LedgerStore
 from berth.names import LABEL_MANAGED_BY, MANAGED_BY
 
 
-async def _read(namespace: str, everything: bool) -> tuple[list[NodeLedger], list[Any], list[Any]]:
+async def _read(
+    namespace: str, everything: bool
+) -> tuple[list[NodeLedger], list[Any], list[Any], list[NodeReport]]:
     client = await Kube.connect()
     try:
         ledgers = await LedgerStore(client, namespace).list()
         if not everything:
-            return ledgers, [], []
+            listed = await client.list(path("configmaps", namespace=namespace), REPORT_SELECTOR)
+            reports = [r for r in map(report_entry, listed) if r is not None]
+            return ledgers, [], [], reports
         pods = await client.list(path("pods"))
         managed = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         configmaps = await client.list(path("configmaps"), label_selector=managed)
-        return ledgers, pods, configmaps
+        return ledgers, pods, configmaps, []
     finally:
         await client.close()
 
@@ -77,9 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(asyncio.run(_capacity(args.remove)))
         return 0
     json_out = args.output == "json"
-    ledgers, pods, configmaps = asyncio.run(_read(args.namespace, args.command == "check"))
+    ledgers, pods, configmaps, reports = asyncio.run(_read(args.namespace, args.command == "check"))
     if args.command == "ranges":
-        print(ranges.render_json(ledgers) if json_out else ranges.render_table(ledgers))
+        render = ranges.render_json if json_out else ranges.render_table
+        print(render(ledgers, reports))
         return 0
     findings = check.find(ledgers, pods, configmaps)
     print(check.render_json(findings) if json_out else check.render_text(findings))
