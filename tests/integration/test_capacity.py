@@ -65,6 +65,8 @@ def pool(name: str, node: str, size: int, start: int = 21000) -> Body:
             "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
             "ranges": [{"start": start, "end": start + size - 1}],
             "priority": 1000,
+            # The real node's pool lies above the ephemeral range, as in test_real_node.
+            "allowUnsafeRanges": start > 32767,
         },
     }
 
