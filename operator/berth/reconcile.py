@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from berth import kube
 from berth.api import InferenceDeployment, InferenceDeploymentStatus, RoleSpec, RoleStatus
+from berth.capacity import scheduler_waiting
 from berth.coalesce import Coalescer
 from berth.engines import PresetError, resolve_role
 from berth.events import EventSink
@@ -138,6 +139,7 @@ class Reconciler:
             if node is not None and blocks is not None:
                 observed.delivered.append((node, blocks))
         observed.waiting = self.waiting(namespace, name)
+        observed.unschedulable = scheduler_waiting(live)
         observed.conflicts = self.conflicts(namespace, name)
         await self._write_port_map(body, live, observed)
         status = deployment_status(observed, previous)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from berth import metrics
 from berth.allocation import AllocationService
+from berth.capacity import NodeCapacity
 from berth.config import OperatorConfig
 from berth.events import EventPoster
 from berth.kube import KubeApi
@@ -35,6 +36,7 @@ class Runtime:
     reconciler: Reconciler
     repairer: Repairer
     reports: NodeReports
+    capacity: NodeCapacity
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -55,7 +57,8 @@ class Runtime:
         reports = NodeReports(
             client, view, repairer, allocation, post_event, config.node_report_interval
         )
-        return cls(config, client, view, allocation, reconciler, repairer, reports)
+        capacity = NodeCapacity(client, view, ledgers)
+        return cls(config, client, view, allocation, reconciler, repairer, reports, capacity)
 
     def refresh(self, namespace: str, name: str) -> None:
         self.reconciler.request_refresh(namespace, name)
@@ -63,9 +66,11 @@ class Runtime:
     async def start(self) -> None:
         """Fill the view, then repair every ledger: before any watch, so before
         any allocation (the view must know every pool, host port and delivered
-        assignment from the first event on)."""
+        assignment from the first event on); then correct every node's
+        ``berth.dev/ports``."""
         await self.view.resync(self.client, everything=True)
         await self.repairer.sweep(relist=False)
+        await self.capacity.sync()
         metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
         settle_heap()
         self.reports.warn_overlaps()
@@ -79,6 +84,7 @@ class Runtime:
             await asyncio.sleep(self.config.sweep_interval * random.uniform(0.9, 1.1))
             try:
                 dropped = await self.repairer.sweep()
+                await self.capacity.refresh_all()
                 if dropped:
                     log.info("sweep dropped %d holdings of pods that are gone", dropped)
                 settle_heap()
@@ -90,6 +96,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.reconciler.close()
+        await self.capacity.close()
         await self.client.close()
 
 

@@ -48,6 +48,8 @@ from tests.support.scenarios import (
 from tests.support.tools import find_helm
 from tests.support.watcher import ClusterWatcher
 
+from berth.capacity import status_patch
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "berth"
 RELEASE = "berth-rbac"
@@ -80,6 +82,7 @@ TRIGGERS: dict[Perm, int] = {
     ("ClusterRole", "", "configmaps", "delete"): RESTART,
     ("ClusterRole", "", "nodes", "list"): START,
     ("ClusterRole", "", "nodes", "watch"): START,
+    ("ClusterRole", "", "nodes/status", "patch"): START,
     ("ClusterRole", "", "events", "create"): SPEC_ERROR,
     ("ClusterRole", "berth.dev", "inferencedeployments", "list"): START,
     ("ClusterRole", "berth.dev", "inferencedeployments", "watch"): START,
@@ -317,6 +320,10 @@ class Drive:
 
     def start(self) -> None:
         before = self.starts()
+        # A node without berth.dev/ports: start-up must advertise it (nodes/status patch).
+        unset = json.dumps(status_patch(None))
+        node = self.cluster.nodes[0]
+        self.cluster.kubectl("patch", "node", node, "--subresource=status", "-p", unset)
         self.operator = OperatorProcess(
             self.kubeconfig, self.log, env={"BERTH_SWEEP_INTERVAL": "2"}
         ).start()

@@ -35,6 +35,7 @@ CLUSTER_RULES = {
     ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "configmaps"): {"get", "create", "update", "patch", "delete"},
     ("", "nodes"): {"list", "watch"},
+    ("", "nodes/status"): {"patch"},
     ("", "events"): {"create"},
     ("berth.dev", "inferencedeployments"): {"get", "list", "watch", "patch"},
     ("berth.dev", "inferencedeployments/status"): {"patch"},
@@ -45,6 +46,8 @@ LEDGER_RULES = {("", "configmaps"): {"list"}}
 # Asked for at design time, never called (docs/install.md says why): kept out.
 UNUSED = [
     ("", "nodes", "get"),
+    ("", "nodes/status", "get"),
+    ("", "nodes/status", "update"),
     ("", "events", "patch"),
     ("berth.dev", "inferencedeployments/status", "get"),
     ("berth.dev", "inferencedeployments/status", "update"),

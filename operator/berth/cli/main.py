@@ -3,6 +3,8 @@
 ``berth ranges`` prints the per-node range map from the ledgers; ``berth
 check`` compares ledgers, delivered ports, ConfigMaps and foreign claims.
 Both work against whatever cluster the kubeconfig points at, read-only.
+``berth capacity`` prints the ``berth.dev/ports`` each node advertises;
+``--remove`` takes it off every node (uninstall, after the operator is gone).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from berth import capacity
 from berth.agent.report import REPORT_SELECTOR, NodeReport, report_entry
 from berth.cli import check, ranges
 from berth.config import OperatorConfig
@@ -40,6 +43,22 @@ async def _read(
         await client.close()
 
 
+async def _capacity(remove: bool) -> str:
+    client = await Kube.connect()
+    try:
+        if remove:
+            removed = await capacity.remove_all(client)
+            return f"removed {capacity.RESOURCE} from {len(removed)} node(s)"
+        lines = []
+        async for node in client.iterate(path("nodes")):
+            figure = capacity.published(node)
+            shown = "-" if figure is None else str(figure)
+            lines.append(f"{node['metadata']['name']}  {capacity.RESOURCE}={shown}")
+        return "\n".join(lines) or "(no nodes)"
+    finally:
+        await client.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="berth", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,7 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="the operator's namespace, where the ledgers live",
         )
         command.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    command = sub.add_parser("capacity", help=f"print (or --remove) {capacity.RESOURCE}")
+    command.add_argument(
+        "--remove", action="store_true", help="remove it from every node (stop the operator first)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "capacity":
+        print(asyncio.run(_capacity(args.remove)))
+        return 0
     json_out = args.output == "json"
     ledgers, pods, configmaps, reports = asyncio.run(_read(args.namespace, args.command == "check"))
     if args.command == "ranges":
