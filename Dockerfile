@@ -28,10 +28,12 @@ ENV PATH=/opt/berth/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     BERTH_LOG_FORMAT=json \
-    HOME=/tmp
+    HOME=/tmp \
+    USER=berth
 COPY --from=build /opt/berth /opt/berth
 # Any non-root uid works; the chart runs 65532 with a read-only root
-# filesystem and an emptyDir on /tmp.
+# filesystem and an emptyDir on /tmp. That uid has no /etc/passwd entry, so
+# USER above names it: kopf asks getpass.getuser() for its identity.
 USER 65532:65532
 # 8080: Prometheus /metrics; 8081: kopf's /healthz (liveness and readiness).
 EXPOSE 8080 8081

@@ -13,7 +13,18 @@ source "$here/env.sh"
 missing=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v flock >/dev/null || missing+=(util-linux)
+# ip netns: the node agent's kernel-reservation test (tests/integration/test_node_agent.py).
+command -v ip >/dev/null || missing+=(iproute2)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+# The test bed's real node (testbed/realnode.py) and its images (testbed/images.py).
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v ip >/dev/null || missing+=(iproute2)
+# A static busybox: the engine image has no libc (ldd fails on static binaries).
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || missing+=(busybox-static)
+command -v gcc >/dev/null || missing+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] apt-get install ${missing[*]}" >&2
   sudo=""

@@ -1,71 +1,361 @@
-#!/usr/bin/env python3
 """Allocation latency, throughput and cost of the operator on a real control plane.
 
-Prints figures; asserts nothing (targets are in the README and the issue).
-Scenarios, in one run:
-  steady  N pods spread over the nodes, created at --rate pods/s (latency
-          below saturation; the burst measures throughput)
-  burst   B pods created at once
-  resync  SIGKILL the operator with the cluster full, start it, time the resync
-Pods are created already bound (spec.nodeName), so "bound -> ConfigMap
-written" is measured from the create call's return to the ConfigMap's ADDED
-event on a watch. The raw pod-create latency of the same run is the reference.
+Run from the repository root (Berth importable, e.g. after ``source hack/env.sh``):
 
-  python scripts/bench_operator.py                 # 2000 pods / 200 nodes / 500 burst
-  python scripts/bench_operator.py --pods 200 --nodes 20 --burst 100   # quick
+  python -m scripts.bench_operator                  # 50 kwok nodes, 1,000 pods in all
+  python -m scripts.bench_operator --kubeconfig K   # an existing cluster instead
+
+Prints figures; asserts nothing. Scenarios, in this order, on one cluster:
+
+  deployments/spread  The path users take: InferenceDeployments created at 0
+                      replicas, then scaled up one every --scale-interval s; the
+                      operator creates the pods, kube-scheduler binds them where
+                      it likes, then come allocation, port map and status.
+  deployments/packed  The same, each deployment pinned to one of --packed-nodes
+                      nodes: many pods per node, so writers contend for one ledger.
+  micro/bare-pods     A micro-benchmark of the allocation path alone: pods created
+                      already bound (spec.nodeName), no InferenceDeployment, no
+                      scheduler, no port map or status. Steady rate, then a burst.
+  resync              SIGKILL the operator with the cluster full; time the restart.
+
+Latencies come from watches: from the first event showing a pod bound
+(spec.nodeName set) to the ADDED event of its ``<pod>-ports`` ConfigMap, and
+to the first pod event carrying ``berth.dev/ports``. API calls are the
+operator's own count (``berth_api_requests_total{verb,resource}``); CPU is
+its utime + stime from /proc/<pid>/stat over the scenario's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
+import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+from tests.support.operator_process import OperatorProcess, free_port, wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kubernetes import client, config, watch  # noqa: E402
-from tests.support.operator_process import OperatorProcess, free_port, wait_for  # noqa: E402
-from urllib3.exceptions import ProtocolError  # noqa: E402
-
-from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY  # noqa: E402
-from berth.plan import (  # noqa: E402
-    EnvBinding,
-    PlanBlock,
-    PortPlan,
-    RolePlan,
+NAMESPACE = "bench"
+MANAGED = "app.kubernetes.io/managed-by=berth"
+PORTS = "berth.dev/ports"
+# One vLLM-like worker: API port, an 8-rank NIXL block, 36 internal ports.
+BLOCKS = [
+    {"name": "http", "size": 1, "env": [{"name": "HTTP_PORT"}]},
+    {"name": "nixl", "size": 8, "env": [{"name": "NIXL_PORT", "value": "rankBase"}]},
+    {"name": "internal", "size": 36, "env": [{"name": "VLLM_PORT"}]},
+]
+PLAN = json.dumps(
+    {
+        "firstRank": 0,
+        "blocks": [
+            {"name": "http", "size": 1, "align": 1, "env": [["HTTP_PORT", "start", 0]]},
+            {"name": "nixl", "size": 8, "align": 1, "env": [["NIXL_PORT", "rankBase", 1]]},
+            {"name": "internal", "size": 36, "align": 1, "env": [["VLLM_PORT", "start", 0]]},
+        ],
+    },
+    separators=(",", ":"),
 )
 
-NAMESPACE = "bench"
-PLAN = PortPlan(
-    RolePlan(
-        blocks=(
-            PlanBlock("http", 1, 1, (EnvBinding("HTTP_PORT", "start"),)),
-            PlanBlock("nixl", 8, 1, (EnvBinding("NIXL_PORT", "rankBase", 1),)),
-            PlanBlock("internal", 36, 1, (EnvBinding("VLLM_PORT", "start"),)),
+
+# --- clocks: when each pod was seen bound, given its ConfigMap, annotated -----------
+
+
+@dataclass
+class Clock:
+    """First-seen times (monotonic) per pod name, from watches on the bench namespace."""
+
+    core: client.CoreV1Api
+    created: dict[str, float] = field(default_factory=dict)
+    bound: dict[str, float] = field(default_factory=dict)
+    annotated: dict[str, float] = field(default_factory=dict)
+    configmap: dict[str, float] = field(default_factory=dict)
+    relists: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Clock:
+        for lister, handle in (
+            (self.core.list_namespaced_pod, self._pod),
+            (self.core.list_namespaced_config_map, self._configmap),
+        ):
+            threading.Thread(target=self._run, args=(lister, handle), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _pod(self, pod: dict[str, Any], now: float) -> None:
+        name = pod["metadata"]["name"]
+        self.created.setdefault(name, now)
+        if pod.get("spec", {}).get("nodeName"):
+            self.bound.setdefault(name, now)
+        if PORTS in (pod["metadata"].get("annotations") or {}):
+            self.annotated.setdefault(name, now)
+
+    def _configmap(self, cm: dict[str, Any], now: float) -> None:
+        name = cm["metadata"]["name"]
+        if name.endswith("-ports"):
+            self.configmap.setdefault(name.removesuffix("-ports"), now)
+
+    def _run(
+        self, lister: Callable[..., Any], handle: Callable[[dict[str, Any], float], None]
+    ) -> None:
+        try:
+            rv = self._list(lister, handle)
+            while not self._stop.is_set():
+                try:
+                    for event in self._watch(lister, rv):
+                        obj = event["object"]
+                        rv = obj["metadata"]["resourceVersion"]
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            handle(obj, time.monotonic())
+                except ApiException as error:
+                    if error.status != 410:
+                        raise
+                    self.relists += 1  # stamps after a re-list may be late: reported
+                    rv = self._list(lister, handle)
+        except BaseException as error:
+            self.errors.append(error)
+
+    def _list(
+        self, lister: Callable[..., Any], handle: Callable[[dict[str, Any], float], None]
+    ) -> str:
+        body = json.loads(lister(NAMESPACE, label_selector=MANAGED, _preload_content=False).data)
+        now = time.monotonic()
+        for item in body["items"]:
+            handle(item, now)
+        rv: str = body["metadata"]["resourceVersion"]
+        return rv
+
+    def _watch(self, lister: Callable[..., Any], rv: str) -> Iterator[dict[str, Any]]:
+        resp = lister(
+            NAMESPACE,
+            label_selector=MANAGED,
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=10,
+            _preload_content=False,
         )
-    ),
-    0,
-).encode()
+        try:
+            for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event["type"] == "ERROR":
+                    obj = event["object"]
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                yield event
+                if self._stop.is_set():
+                    return
+        finally:
+            resp.close()
+            resp.release_conn()
 
 
-def pod_body(name: str, node: str) -> dict[str, Any]:
+# --- figures -------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def spread(label: str, values: list[float]) -> str:
+    if not values:
+        return f"  {label}: no samples"
+    return (
+        f"  {label} (ms): p50 {pct(values, 50):.1f}  p95 {pct(values, 95):.1f}  "
+        f"p99 {pct(values, 99):.1f}  max {max(values):.1f}  (n={len(values)})"
+    )
+
+
+def latencies(names: list[str], start: dict[str, float], end: dict[str, float]) -> list[float]:
+    return [(end[n] - start[n]) * 1000 for n in names if n in start and n in end]
+
+
+API = re.compile(r'berth_api_requests_total\{resource="([^"]*)",verb="([A-Z]+)"\}')
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def requests_by_kind(metrics: dict[str, float]) -> dict[str, float]:
+    """``"PATCH pods" -> count`` for every request Berth's client sent."""
+    found = ((API.fullmatch(key), value) for key, value in metrics.items())
+    return {f"{m[2]} {m[1]}": value for m, value in found if m}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Cost:
+    """The operator's API calls and CPU between two moments."""
+
+    operator: OperatorProcess
+    metrics: dict[str, float] = field(default_factory=dict)
+    cpu: float = 0.0
+    wall: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.metrics = self.operator.metrics()
+        assert self.operator.proc is not None
+        self.cpu = cpu_seconds(self.operator.proc.pid)
+        self.wall = time.monotonic()
+
+    def report(self, pods: int) -> None:
+        now = Cost(self.operator)
+        allocations = now.metrics.get("berth_allocations_total", 0) - self.metrics.get(
+            "berth_allocations_total", 0
+        )
+        old = requests_by_kind(self.metrics)
+        calls = {k: v - old.get(k, 0.0) for k, v in requests_by_kind(now.metrics).items()}
+        writes = {k: v for k, v in calls.items() if k.split()[0] in WRITES and v}
+        reads = sum(v for k, v in calls.items() if k.split()[0] not in WRITES)
+        per = max(allocations, 1)
+        conflicts = now.metrics.get("berth_ledger_conflicts_total", 0) - self.metrics.get(
+            "berth_ledger_conflicts_total", 0
+        )
+        print(f"  allocations: {allocations:.0f} of {pods} pods")
+        print(
+            f"  API writes per allocation: {sum(writes.values()) / per:.2f}  "
+            f"(reads {reads / per:.2f}; ledger CAS conflicts redone {conflicts:.0f})"
+        )
+        print(
+            "    "
+            + ", ".join(
+                f"{k} {v / per:.2f}" for k, v in sorted(writes.items(), key=lambda kv: -kv[1])
+            )
+        )
+        wall = now.wall - self.wall
+        print(
+            f"  operator CPU: {now.cpu - self.cpu:.1f} s over {wall:.1f} s wall "
+            f"= {(now.cpu - self.cpu) / wall:.2f} of one core; peak RSS "
+            f"{self.operator.peak_rss_mb():.0f} MB"
+        )
+
+
+# --- the full path: InferenceDeployments scaled up -----------------------------------
+
+
+def deployment(name: str, node: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": "engine", "image": "engine:1"}]}
+    if node:
+        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+    return {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "engine": {"preset": "custom"},
+            "roles": [
+                {"name": "worker", "replicas": 0, "ports": BLOCKS, "template": {"spec": spec}}
+            ],
+        },
+    }
+
+
+def status_complete(custom: client.CustomObjectsApi, names: list[str], replicas: int) -> bool:
+    listed: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
+        "berth.dev", "v1alpha1", NAMESPACE, "inferencedeployments"
+    )
+    items = listed["items"]
+    done = set()
+    for item in items:
+        status = item.get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        allocated = sum(int(r.get("allocated", 0)) for r in status.get("roles") or [])
+        if conditions.get("PortsAllocated") == "True" and allocated == replicas:
+            done.add(item["metadata"]["name"])
+    return set(names) <= done
+
+
+@dataclass
+class Bench:
+    """What every scenario uses: the clock, the operator, the command line."""
+
+    clock: Clock
+    operator: OperatorProcess
+    args: Any
+    nodes: list[str]
+
+
+def run_deployments(bench: Bench, title: str, names: list[str], pins: list[str | None]) -> None:
+    clock, operator, args = bench.clock, bench.operator, bench.args
+    custom = client.CustomObjectsApi()
+    for name, pin in zip(names, pins, strict=True):
+        custom.create_namespaced_custom_object(
+            "berth.dev", "v1alpha1", NAMESPACE, "inferencedeployments", deployment(name, pin)
+        )
+    wait_for(
+        lambda: status_complete(custom, names, 0), timeout=120, what=f"{title}: reconciled at 0"
+    )
+    cost = Cost(operator)
+    begin = time.monotonic()
+    for i, (name, pin) in enumerate(zip(names, pins, strict=True)):
+        time.sleep(max(0.0, begin + i * args.scale_interval - time.monotonic()))
+        body = deployment(name, pin)
+        body["spec"]["roles"][0]["replicas"] = args.replicas
+        custom.patch_namespaced_custom_object(  # a merge patch: the roles list is replaced
+            "berth.dev", "v1alpha1", NAMESPACE, "inferencedeployments", name, {"spec": body["spec"]}
+        )
+    pods = [f"{n}-worker-{i}" for n in names for i in range(args.replicas)]
+    try:
+        wait_for(
+            lambda: all(p in clock.annotated for p in pods), timeout=600, interval=0.1, what=title
+        )
+        wait_for(lambda: status_complete(custom, names, args.replicas), timeout=120, what="status")
+    except AssertionError as error:
+        print(f"  ! {error}"[:300])
+    done = time.monotonic()
+    last = max((clock.annotated[p] for p in pods if p in clock.annotated), default=done)
+    print(f"\n== {title}: {len(names)} InferenceDeployments x {args.replicas} = {len(pods)} pods")
+    print(spread("bound -> ConfigMap written", latencies(pods, clock.bound, clock.configmap)))
+    print(spread("bound -> annotation written", latencies(pods, clock.bound, clock.annotated)))
+    print(
+        spread(
+            "created -> bound (scheduler, reference)", latencies(pods, clock.created, clock.bound)
+        )
+    )
+    created = sum(p in clock.created for p in pods)
+    unserved = sum(p in clock.created and p not in clock.annotated for p in pods)
+    print(
+        f"  first scale-up -> last annotation: {last - begin:.2f} s "
+        f"({len(pods) / (last - begin):.0f} pods/s); -> every status complete: {done - begin:.2f} s"
+    )
+    print(
+        f"  pods the operator failed to create: {len(pods) - created}; "
+        f"created but never given ports: {unserved}"
+    )
+    cost.report(len(pods))
+
+
+# --- the micro-benchmark: bare pods created already bound ------------------------------
+
+
+def bare_pod(name: str, node: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: "bench"},
+            "labels": {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "micro"},
             "annotations": {"berth.dev/port-plan": PLAN},
         },
         "spec": {
@@ -77,108 +367,84 @@ def pod_body(name: str, node: str) -> dict[str, Any]:
     }
 
 
-class ConfigMapClock:
-    """Records when each pod's ports ConfigMap first appears on a watch."""
-
-    def __init__(self, core: client.CoreV1Api) -> None:
-        self.seen: dict[str, float] = {}
-        self._core = core
-        self._watch = watch.Watch()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        # One stream for the whole run: the client resumes from the last
-        # resourceVersion when the server ends it, so no re-list ever stamps
-        # a ConfigMap late.
-        stream = self._watch.stream(
-            self._core.list_namespaced_config_map,
-            NAMESPACE,
-            label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}",
-        )
-        with contextlib.suppress(ProtocolError):  # the stream cut by stop()
-            for event in stream:
-                name = event["object"].metadata.name.removesuffix("-ports")
-                self.seen.setdefault(name, time.monotonic())
-
-    def stop(self) -> None:
-        self._watch.stop()
-
-
 def create_pods(
-    core: client.CoreV1Api, names: list[str], nodes: list[str], workers: int, pace: float
-) -> dict[str, tuple[float, float]]:
-    """name -> (call started, call returned), monotonic."""
-    times: dict[str, tuple[float, float]] = {}
+    names: list[str], nodes: list[str], workers: int, pace: float
+) -> tuple[dict[str, float], int]:
+    """Create bound pods on a schedule; name -> when its create call started, and failures."""
+    core = client.CoreV1Api()
+    started: dict[str, float] = {}
 
     def one(i: int) -> None:
-        name = names[i]
-        started = time.monotonic()
-        core.create_namespaced_pod(NAMESPACE, pod_body(name, nodes[i % len(nodes)]))
-        times[name] = (started, time.monotonic())
+        started[names[i]] = time.monotonic()
+        body = bare_pod(names[i], nodes[i % len(nodes)])
+        # Raw response: deserialising it would cost this process time the watches need.
+        core.create_namespaced_pod(NAMESPACE, body, _preload_content=False)  # type: ignore[arg-type]
 
     begin = time.monotonic()
+    futures: list[Future[None]] = []
     with ThreadPoolExecutor(workers) as pool:
         for i in range(len(names)):
             # On a schedule, not sleep after sleep: slow calls must not lower the rate.
             time.sleep(max(0.0, begin + i * pace - time.monotonic()))
-            pool.submit(one, i)
-    return times
+            futures.append(pool.submit(one, i))
+    failed = sum(f.exception() is not None for f in futures)
+    return started, failed
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def report(title: str, created: dict[str, tuple[float, float]], clock: ConfigMapClock) -> None:
-    wait_for(lambda: all(n in clock.seen for n in created), timeout=600, what=title)
-    latency = [(clock.seen[n] - t[1]) * 1000 for n, t in created.items()]
-    raw = [(t[1] - t[0]) * 1000 for t in created.values()]
-    first = min(t[0] for t in created.values())
-    created_all = max(t[1] for t in created.values())
-    last = max(clock.seen[n] for n in created)
-    print(f"\n== {title}: {len(created)} pods")
+def run_micro(bench: Bench, title: str, names: list[str], workers: int, pace: float) -> None:
+    clock = bench.clock
+    cost = Cost(bench.operator)
+    started, failed = create_pods(names, bench.nodes, workers, pace)
+    ok = [n for n in names if n in started]
+    try:
+        wait_for(
+            lambda: all(n in clock.annotated for n in ok), timeout=600, interval=0.1, what=title
+        )
+    except AssertionError as error:
+        print(f"  ! {error}"[:300])
+    first = min(started.values())
+    last = max((clock.annotated[n] for n in ok if n in clock.annotated), default=first)
+    print(f"\n== micro/bare-pods, {title}: {len(names)} pods created already bound")
+    # Here "bound" is the create call's start: the pod is bound from its first revision.
+    print(spread("create call -> ConfigMap written", latencies(ok, started, clock.configmap)))
+    print(spread("create call -> annotation written", latencies(ok, started, clock.annotated)))
     print(
-        "  bound -> ConfigMap written (ms): "
-        f"p50 {pct(latency, 50):.1f}  p95 {pct(latency, 95):.1f}  "
-        f"p99 {pct(latency, 99):.1f}  max {max(latency):.1f}"
+        spread(
+            "create call -> first watch event (reference)", latencies(ok, started, clock.created)
+        )
     )
-    print(
-        "  raw pod create (ms, reference): "
-        f"p50 {pct(raw, 50):.1f}  p99 {pct(raw, 99):.1f}  mean {statistics.mean(raw):.1f}"
+    rate = len(ok) / max(last - first, 1e-9)
+    print(f"  first create -> last annotation: {last - first:.2f} s ({rate:.0f} pods/s)")
+    print(f"  failed creates: {failed}")
+    cost.report(len(ok))
+
+
+# --- resync -------------------------------------------------------------------------
+
+
+def resynced(operator: OperatorProcess, total: int) -> bool:
+    return (
+        operator.metric("berth_pod_events_total") >= total
+        and operator.metric("berth_startup_sweep_seconds") > 0
     )
-    print(
-        f"  first create -> last ConfigMap: {last - first:.2f} s  "
-        f"({len(created) / (last - first):.0f} pods/s; creating them took "
-        f"{created_all - first:.2f} s)"
-    )
 
 
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+def run_resync(operator: OperatorProcess, total: int, nodes: int) -> None:
+    operator.kill()
+    started = time.monotonic()
+    operator.start()
+    wait_for(lambda: resynced(operator, total), timeout=300, interval=0.1, what="resync")
+    elapsed = time.monotonic() - started
+    m = operator.metrics()
+    writes = sum(v for k, v in requests_by_kind(m).items() if k.split()[0] in WRITES)
+    print(f"\n== resync: operator SIGKILLed and restarted with {total} pods on {nodes} nodes")
+    print(f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s")
+    sweep = m["berth_startup_sweep_seconds"]
+    print(f"  start-up sweep finished at {sweep:.2f} s; writes {writes:.0f}")
+    print(f"  operator peak RSS after resync: {operator.peak_rss_mb():.0f} MB")
 
 
-WRITE = re.compile(r'berth_api_requests_total\{resource="([^"]*)",verb="(POST|PUT|PATCH|DELETE)"\}')
-
-
-def writes_by_kind(metrics: dict[str, float]) -> dict[str, float]:
-    """``"PUT configmaps" -> count`` for every write Berth's client sent."""
-    found = ((WRITE.fullmatch(key), value) for key, value in metrics.items())
-    return {f"{m[2]} {m[1]}": value for m, value in found if m}
-
-
-def writes(metrics: dict[str, float]) -> float:
-    return sum(writes_by_kind(metrics).values())
-
-
-def localcluster(*args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "hack" / "localcluster.py"), *args], check=True)
+# --- main ---------------------------------------------------------------------------
 
 
 def prepare_cluster(kubeconfig: str) -> list[str]:
@@ -192,74 +458,31 @@ def prepare_cluster(kubeconfig: str) -> list[str]:
     for ns in ("berth-system", NAMESPACE):
         # Fails harmlessly when the namespace is left from an earlier run.
         subprocess.run([*kubectl, "create", "namespace", ns], check=False, capture_output=True)
-    config.load_kube_config(kubeconfig)
-    items = client.CoreV1Api().list_node().items
-    kwok = sorted(n.metadata.name for n in items if n.metadata.labels.get("type") == "kwok")
-    return kwok or [n.metadata.name for n in items]
+    config.load_kube_config(kubeconfig)  # type: ignore[no-untyped-call]
+    out = subprocess.run([*kubectl, "get", "nodes", "-o", "json"], check=True, capture_output=True)
+    items = json.loads(out.stdout)["items"]
+    kwok = [n["metadata"]["name"] for n in items if n["metadata"]["labels"].get("type") == "kwok"]
+    return sorted(kwok or [n["metadata"]["name"] for n in items])
 
 
-LE_SHOWN = ("0.01", "0.03", "0.15", "1.0")
-
-
-def handler_shares(before: dict[str, float], after: dict[str, float]) -> str:
-    """The operator's own view: handler start to annotation written, per bucket."""
-
-    def count(le: str) -> float:
-        key = f'berth_allocation_seconds_bucket{{le="{le}"}}'
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    total = count("+Inf") or 1.0
-    return "  ".join(f"<= {float(le) * 1000:.0f} ms {count(le) / total:.0%}" for le in LE_SHOWN)
-
-
-def measure_allocation(
-    core: client.CoreV1Api, nodes: list[str], operator: OperatorProcess, args: Any
-) -> None:
-    clock = ConfigMapClock(core)
-    before = scrape(args.metrics_port)
-    names = [f"steady-{i}" for i in range(args.pods)]
-    steady = create_pods(core, names, nodes, workers=8, pace=1 / args.rate)
-    report(f"steady, {args.rate:g} pods/s", steady, clock)
-    middle = scrape(args.metrics_port)
-    print(f"  operator side: {handler_shares(before, middle)}")
-    names = [f"burst-{i}" for i in range(args.burst)]
-    report("burst", create_pods(core, names, nodes, workers=16, pace=0), clock)
-    print(f"  operator side: {handler_shares(middle, scrape(args.metrics_port))}")
-    clock.stop()
-    time.sleep(2)
-    after = scrape(args.metrics_port)
-    allocations = after["berth_allocations_total"] - before.get("berth_allocations_total", 0)
-    print(f"\n== cost: {allocations:.0f} allocations")
-    print(f"  API writes per allocation: {(writes(after) - writes(before)) / allocations:.2f}")
-    old = writes_by_kind(before)
-    kinds = {k: v - old.get(k, 0.0) for k, v in writes_by_kind(after).items()}
-    print("  " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items()) if v))
-    print(f"  operator peak RSS: {operator.peak_rss_mb():.0f} MB")
-
-
-def measure_resync(operator: OperatorProcess, nodes: list[str], args: Any) -> None:
-    total = args.pods + args.burst
-    operator.kill()
-    started = time.monotonic()
-    operator.start()
-    wait_for(lambda: _resynced(args.metrics_port, total), timeout=300, interval=0.1, what="resync")
-    elapsed = time.monotonic() - started
-    m = scrape(args.metrics_port)
-    print(f"\n== resync with {total} pods on {len(nodes)} nodes")
-    print(f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s")
-    print(f"  start-up sweep finished at {m['berth_startup_sweep_seconds']:.2f} s")
-    print(f"  writes during resync: {writes(m):.0f}")
-    print(f"  operator peak RSS after resync: {operator.peak_rss_mb():.0f} MB")
+def testbed(*args: str) -> None:
+    """The local control plane (``python -m testbed``): kwok nodes only, no real node."""
+    subprocess.run([sys.executable, "-m", "testbed", *args], check=True, cwd=ROOT)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--nodes", type=int, default=200)
-    parser.add_argument("--pods", type=int, default=2000)
-    parser.add_argument("--burst", type=int, default=500)
-    parser.add_argument(
-        "--rate", type=float, default=20, help="steady scenario: pods created per second"
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--deployments", type=int, default=20, help="spread scenario")
+    parser.add_argument("--replicas", type=int, default=20, help="per deployment")
+    parser.add_argument("--packed-nodes", type=int, default=5)
+    parser.add_argument("--packed-deployments", type=int, default=10)
+    parser.add_argument("--scale-interval", type=float, default=0.5, help="s between scale-ups")
+    parser.add_argument("--pods", type=int, default=300, help="micro: steady pods")
+    parser.add_argument("--rate", type=float, default=20, help="micro: steady pods/s")
+    parser.add_argument("--burst", type=int, default=100, help="micro: pods created at once")
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting one")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="berth-bench-"))
@@ -267,38 +490,42 @@ def main() -> None:
     kubeconfig = args.kubeconfig
     if not kubeconfig:
         print(f"starting a local control plane with {args.nodes} kwok nodes in {workdir}")
-        localcluster("up", "--dir", cluster_dir, "--nodes", str(args.nodes))
+        testbed("up", "--dir", cluster_dir, "--nodes", str(args.nodes), "--real-nodes", "0")
         kubeconfig = f"{cluster_dir}/kubeconfig"
     nodes = prepare_cluster(kubeconfig)
-    args.metrics_port = free_port()
     operator = OperatorProcess(
         kubeconfig,
         workdir / "operator.log",
-        # The production sweep interval, not the test suite's 5 s: a sweep
-        # lists every Berth pod and ledger, and its cost belongs in the
-        # figures at the rate users run it.
-        env={"BERTH_METRICS_PORT": str(args.metrics_port), "BERTH_SWEEP_INTERVAL": "60"},
+        # The production sweep interval, not the test suite's 5 s: a sweep lists
+        # every Berth pod and ledger, and its cost belongs in the figures.
+        env={"BERTH_METRICS_PORT": str(free_port()), "BERTH_SWEEP_INTERVAL": "60"},
     ).start()
+    clock = Clock(client.CoreV1Api()).start()
+    bench = Bench(clock, operator, args, nodes)
     try:
-        # Measure the steady state: the operator has synced and swept once.
-        wait_for(lambda: _resynced(args.metrics_port, 0), timeout=60, what="operator ready")
-        measure_allocation(client.CoreV1Api(), nodes, operator, args)
-        measure_resync(operator, nodes, args)
+        wait_for(lambda: resynced(operator, 0), timeout=60, what="operator ready")
+        spread_names = [f"spread-{i}" for i in range(args.deployments)]
+        run_deployments(bench, "deployments/spread", spread_names, [None] * len(spread_names))
+        packed = nodes[: args.packed_nodes]
+        packed_names = [f"packed-{i}" for i in range(args.packed_deployments)]
+        pins: list[str | None] = [packed[i % len(packed)] for i in range(len(packed_names))]
+        per_node = len(packed_names) * args.replicas // len(packed)
+        print(f"\n(packed: {per_node} pods per node on {len(packed)} nodes)")
+        run_deployments(bench, "deployments/packed", packed_names, pins)
+        steady = [f"steady-{i}" for i in range(args.pods)]
+        run_micro(bench, f"steady {args.rate:g} pods/s", steady, 8, 1 / args.rate)
+        run_micro(bench, "burst", [f"burst-{i}" for i in range(args.burst)], 16, 0)
+        deployed = (args.deployments + args.packed_deployments) * args.replicas
+        run_resync(operator, deployed + args.pods + args.burst, len(nodes))
+        if clock.relists or clock.errors:
+            print(f"\n! watch re-lists {clock.relists} (stamps after one may be late)")
+            print(f"! watch errors: {clock.errors}")
     finally:
+        clock.stop()
         operator.stop()
         if not args.kubeconfig:
-            localcluster("down", "--dir", cluster_dir)
+            testbed("down", "--dir", cluster_dir)
     print(f"\noperator log: {workdir / 'operator.log'}")
-
-
-def _resynced(port: int, total: int) -> bool:
-    try:
-        m = scrape(port)
-    except OSError:
-        return False
-    return (
-        m.get("berth_pod_events_total", 0) >= total and m.get("berth_startup_sweep_seconds", 0) > 0
-    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ class NodeView(Protocol):
 
     def pool_for(self, node: str) -> Pool: ...
     def node_uid(self, node: str) -> str | None: ...
-    def foreign_ports(self, node: str) -> Sequence[PortRange]: ...
+    def avoided_ports(self, node: str) -> Sequence[PortRange]: ...
     def live_on(self, node: str) -> list[Mapping[str, Any]]: ...
-    def worker(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
+    def worker_named(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 
 
 @dataclass
@@ -86,12 +86,15 @@ class AllocationService:
             if (h := holder_of(w.pod)).namespace == namespace and h.deployment == deployment
         ]
 
-    def delivered_on(self, node: str) -> list[Held]:
-        """Every assignment live pods on ``node`` were delivered, as far as known:
-        their annotations, or what this process delivered before their event came."""
+    def delivered_on(
+        self, node: str, live: Iterable[Mapping[str, Any]] | None = None
+    ) -> list[Held]:
+        """Every assignment the ``live`` pods on ``node`` (default: the view's)
+        were delivered, as far as known: their annotations, or what this
+        process delivered before their event came."""
         mine = self._delivered.get(node, {})
         known = []
-        for pod in self.view.live_on(node):
+        for pod in self.view.live_on(node) if live is None else live:
             holder = holder_of(pod)
             blocks = delivered_ports(pod)
             if blocks is not None:
@@ -179,7 +182,7 @@ class AllocationService:
                 holder,
                 plan.requests(),
                 pool,
-                avoid=self.view.foreign_ports(node),
+                avoid=self.view.avoided_ports(node),
                 delivered=lambda: self.delivered_on(node),
                 own=own,
                 node_uid=self.view.node_uid(node),
@@ -221,7 +224,7 @@ class AllocationService:
         if name == meta["name"]:
             leader, blocks = pod, assignment.blocks
         else:
-            found = self.view.worker(meta["namespace"], name)
+            found = self.view.worker_named(meta["namespace"], name)
             if found is None or (delivered := delivered_ports(found)) is None:
                 return None
             leader, blocks = found, delivered

@@ -75,6 +75,9 @@ class OperatorConfig:
     default_ranges: tuple[PortRange, ...] = (PortRange(20000, 29999),)
     default_reserved: tuple[PortRange, ...] = ()
     sweep_interval: float = 60.0
+    #: Seconds between re-reads of the node agents' reports (node_reports.py);
+    #: 0 leaves them to the sweep (no agent runs).
+    node_report_interval: float = 5.0
     metrics_port: int = 8080
     watch_namespaces: tuple[str, ...] = field(default=())
     log_level: str = "info"
@@ -99,6 +102,9 @@ class OperatorConfig:
             else cls.default_ranges,
             default_reserved=_ranges(env.get("BERTH_DEFAULT_RESERVED", "")),
             sweep_interval=float(env.get("BERTH_SWEEP_INTERVAL", cls.sweep_interval)),
+            node_report_interval=float(
+                env.get("BERTH_NODE_REPORT_INTERVAL", cls.node_report_interval)
+            ),
             metrics_port=int(env.get("BERTH_METRICS_PORT", cls.metrics_port)),
             watch_namespaces=tuple(
                 ns for ns in env.get("BERTH_WATCH_NAMESPACES", "").split(",") if ns

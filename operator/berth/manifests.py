@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from berth.allocator import Assignment
+from berth.capacity import request_ports
 from berth.names import (
     ANNOTATION_GROUP_LEADER,
     ANNOTATION_PORT_PLAN,
@@ -53,7 +54,8 @@ def worker_pod(
     Port env vars (and, in a DP group that spans pods, the group env that
     names its ``leader``) point into the per-pod ConfigMap, written once the
     scheduler has picked a node: the kubelet holds the container until it
-    exists, so the engine never starts without its ports.
+    exists, so the engine never starts without its ports. The first
+    container requests the plan's ports as ``berth.dev/ports`` (capacity.py).
     """
     meta = deployment["metadata"]
     name = pod_name(meta["name"], role, index)
@@ -81,6 +83,9 @@ def worker_pod(
         # Ours first: `$(VAR)` in user env and args may refer to them.
         user_env = [e for e in container.get("env", []) if e.get("name") not in ours]
         container["env"] = injected + user_env
+    if spec.get("containers"):
+        # The scheduler binds the pod only where this many ports are left.
+        request_ports(spec["containers"][0], sum(b.size for b in plan.role.blocks))
     tmeta = template.get("metadata", {})
     labels = {
         **tmeta.get("labels", {}),

@@ -155,6 +155,6 @@ def worker_summary(pod: Body) -> dict[str, Any]:
             "labels": dict(meta.get("labels") or {}),
             "annotations": {ANNOTATION_PORTS: ports} if ports else {},
         },
-        "spec": {"nodeName": spec["nodeName"]} if spec.get("nodeName") else {},
+        "spec": {k: spec[k] for k in ("nodeName", "hostNetwork") if spec.get(k)},
         "status": {k: status[k] for k in ("phase", "hostIP", "podIP", "conditions") if k in status},
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from berth import kube
 from berth.api import InferenceDeployment, InferenceDeploymentStatus, RoleSpec, RoleStatus
+from berth.capacity import scheduler_waiting
 from berth.coalesce import Coalescer
 from berth.engines import PresetError, resolve_role
 from berth.events import EventSink
@@ -78,6 +79,9 @@ class Reconciler:
     waiting: Reasons = lambda namespace, deployment: []
     #: Port conflicts its pods are part of (repair.py)
     conflicts: Reasons = lambda namespace, deployment: []
+    #: Tells the view about a pod just created, before its watch event comes,
+    #: so the next reconcile does not create it again.
+    remember: Callable[[Mapping[str, Any]], object] = lambda pod: None
     _coalescer: Coalescer[Key] | None = None
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
 
@@ -135,6 +139,7 @@ class Reconciler:
             if node is not None and blocks is not None:
                 observed.delivered.append((node, blocks))
         observed.waiting = self.waiting(namespace, name)
+        observed.unschedulable = scheduler_waiting(live)
         observed.conflicts = self.conflicts(namespace, name)
         await self._write_port_map(body, live, observed)
         status = deployment_status(observed, previous)
@@ -213,8 +218,11 @@ class Reconciler:
                 "could never get its ports: delete or rename the ConfigMap"
             )
             return
+        if ports is not None and not await self._drop_stale(ports, namespace, name):
+            return  # its pod still exists: created meanwhile, the view will show it
         try:
-            await self.client.create(kube.path("pods", namespace=namespace), manifest)
+            created = await self.client.create(kube.path("pods", namespace=namespace), manifest)
+            self.remember(created)
         except KubeError as error:
             if not error.conflict:
                 observed.problems.append(f"pod {name}: {error.message}")
@@ -227,6 +235,25 @@ class Reconciler:
                     f"pod {name} exists and is not this deployment's: delete or rename it"
                 )
             # else created meanwhile, or an earlier one still terminating
+
+    async def _drop_stale(self, ports: Body, namespace: str, name: str) -> bool:
+        """Delete the ConfigMap a gone pod of this name left; False if that pod lives.
+
+        A kubelet resolves a new pod's env from whatever ConfigMap has the name,
+        so an old pod's, not yet collected, would start it on ports that may be
+        someone else's by now.
+        """
+        pod = await self.client.get_or_none(kube.path("pods", namespace=namespace, name=name))
+        if pod is not None and owned_by(ports, pod["metadata"]["uid"]):
+            return False
+        precondition = {"preconditions": {"uid": ports["metadata"]["uid"]}}
+        url = kube.path("configmaps", namespace=namespace, name=pod_ports_configmap(name))
+        try:
+            await self.client.delete(url, precondition)
+        except KubeError as error:
+            if not error.conflict:
+                raise
+        return True
 
     async def _delete_pod(self, namespace: str, name: str, uid: str) -> None:
         precondition = {"preconditions": {"uid": uid}}

@@ -14,12 +14,14 @@ metric and an audit line; they are handed to nobody else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from berth import audit, kube, metrics
+from berth.agent.procfs import ports_of
 from berth.allocation import AllocationService, audit_freed
 from berth.allocator import Assignment
 from berth.allocator.ranges import PortRange
@@ -28,6 +30,7 @@ from berth.kube import KubeApi
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.records import Held, Holder, NodeLedger
 from berth.names import ANNOTATION_PORTS, GROUP, VERSION, pod_ports_configmap
+from berth.node_reports import ephemeral_overlaps
 from berth.pods import (
     ForeignClaim,
     decode_ports,
@@ -41,6 +44,8 @@ from berth.pools import pool_usage
 from berth.view import ClusterView
 
 log = logging.getLogger("berth.repair")
+#: Nodes repaired at once: enough to hide API latency, few enough not to flood it.
+PARALLEL_NODES = 16
 
 
 @dataclass(frozen=True)
@@ -52,16 +57,26 @@ class Conflict:
     #: Berth pods involved, and the pod not managed by Berth, if any.
     holders: tuple[Holder, ...]
     foreign: ForeignClaim | None = None
+    #: A socket the node's agent reported ("TCP" or "UDP"), not the holder's.
+    listener: str | None = None
+
+    @property
+    def outside(self) -> bool:
+        """Claimed by something Berth does not manage (a pod or a listener)."""
+        return self.foreign is not None or self.listener is not None
 
     @property
     def key(self) -> str:
         who = sorted(h.uid for h in self.holders) + ([self.foreign.uid] if self.foreign else [])
+        who += [self.listener] if self.listener else []
         return f"{self.node}:{self.ports}:{','.join(who)}"
 
     def describe(self) -> str:
         pods = [f"{h.namespace}/{h.pod}" for h in self.holders]
         if self.foreign:
             pods.append(f"{self.foreign.namespace}/{self.foreign.pod} (not managed by Berth)")
+        if self.listener:
+            pods.append(f"a {self.listener} listener on the node that is not that pod's")
         return f"node {self.node} ports {self.ports} claimed by {' and '.join(pods)}"
 
     def pods(self) -> list[dict[str, Any]]:
@@ -111,41 +126,52 @@ class Repairer:
             node = node_of(pod)
             if node is not None and not is_terminated(pod):
                 live.setdefault(node, []).append(pod)
-        conflicts: list[Conflict] = []
-        dropped = 0
-        for node in sorted(set(ledgers) | set(live)):
-            pods = live.get(node, [])
-            delivered = await self._delivered(node, pods)
-            gone = await self._gone(ledgers.get(node), {p["metadata"]["uid"] for p in pods})
-            if not delivered and not gone and node not in ledgers:
-                continue
-            repair, freed = await self.ledgers.repair(
-                node, delivered, gone, self.view.pool_for(node)
-            )
-            self.allocation.report_repair(node, repair)
-            audit_freed("reclaim", "owner gone", node, freed)
-            self.allocation.forget(holder.uid for holder, _ in freed)
-            for holder, _ in freed:
-                self.on_change(holder.namespace, holder.deployment)
-            dropped += len(freed)
-            conflicts += delivered_conflicts(node, repair.conflicts, delivered)
-        conflicts += foreign_conflicts(self.view, self.ledgers.cached())
+        # Nodes are independent (one ledger each): repair several at once.
+        slots = asyncio.Semaphore(PARALLEL_NODES)
+
+        async def repair(node: str) -> tuple[int, list[Conflict]]:
+            async with slots:
+                return await self._repair_node(node, live.get(node, []), ledgers.get(node))
+
+        nodes = sorted(set(ledgers) | {n for n in live if self.view.node_uid(n) is not None})
+        log.info("repairing the ledgers of %d nodes", len(nodes))
+        results = await asyncio.gather(*(repair(n) for n in nodes))
+        conflicts = [c for _, found in results for c in found]
+        conflicts += outside_conflicts(self.view, self.ledgers.cached())
         self._report(conflicts)
+        dropped = sum(n for n, _ in results)
         metrics.RECLAIMED.inc(dropped)
         return dropped
 
+    async def _repair_node(
+        self, node: str, pods: Sequence[Mapping[str, Any]], ledger: NodeLedger | None
+    ) -> tuple[int, list[Conflict]]:
+        """Fold the node's delivered ports into its ledger, drop the gone; one CAS."""
+        delivered = await self._delivered(node, pods)
+        gone = await self._gone(ledger, {p["metadata"]["uid"] for p in pods})
+        if not delivered and not gone and ledger is None:
+            return 0, []
+        repair, freed = await self.ledgers.repair(node, delivered, gone, self.view.pool_for(node))
+        self.allocation.report_repair(node, repair)
+        audit_freed("reclaim", "owner gone", node, freed)
+        self.allocation.forget(holder.uid for holder, _ in freed)
+        for holder, _ in freed:
+            self.on_change(holder.namespace, holder.deployment)
+        return len(freed), delivered_conflicts(node, repair.conflicts, delivered)
+
     def check_foreign(self, node: str) -> None:
-        """A pod Berth does not manage changed on ``node``: report new overlaps now."""
+        """A pod Berth does not manage, or the node's agent report, changed on
+        ``node``: report new overlaps now (and forget those that are gone)."""
         ledger = self.ledgers.cached().get(node)
         if ledger is None:
             return
-        found = foreign_conflicts(self.view, {node: ledger})
-        kept = [c for c in self._conflicts.values() if c.node != node or not c.foreign]
+        found = outside_conflicts(self.view, {node: ledger}, node)
+        kept = [c for c in self._conflicts.values() if c.node != node or not c.outside]
         self._report(kept + found)
 
-    async def _delivered(self, node: str, pods: Iterable[Mapping[str, Any]]) -> list[Held]:
+    async def _delivered(self, node: str, pods: Sequence[Mapping[str, Any]]) -> list[Held]:
         """What the live pods on ``node`` were delivered: annotation, else ConfigMap."""
-        known = {holder.uid: (holder, a) for holder, a in self.allocation.delivered_on(node)}
+        known = {h.uid: (h, a) for h, a in self.allocation.delivered_on(node, pods)}
         for pod in pods:
             uid = pod["metadata"]["uid"]
             if uid not in known and not pod["metadata"].get("deletionTimestamp"):
@@ -212,8 +238,14 @@ class Repairer:
         pool_of_node = {node: self.view.pool_for(node).name for node in self.view.nodes()}
         used = {node: ledger.used for node, ledger in self.ledgers.cached().items()}
         usage = pool_usage(pools, pool_of_node, used)
+        overlaps: dict[str, list[str]] = {}
+        for node in ephemeral_overlaps(self.view):
+            overlaps.setdefault(pool_of_node.get(node, ""), []).append(node)
         for pool in pools:
-            status = usage[pool.name].as_status(pool.metadata.get("generation"))
+            status: dict[str, Any] = {
+                **usage[pool.name].as_status(pool.metadata.get("generation")),
+                "ephemeralOverlap": sorted(overlaps.get(pool.name, ())) or None,
+            }
             current = pool.status.model_dump(by_alias=True) if pool.status else {}
             if any(current.get(key) != value for key, value in status.items()):
                 url = kube.path(
@@ -244,10 +276,12 @@ def delivered_conflicts(
     return found
 
 
-def foreign_conflicts(view: ClusterView, ledgers: Mapping[str, NodeLedger]) -> list[Conflict]:
+def foreign_conflicts(
+    claims: Iterable[ForeignClaim], ledgers: Mapping[str, NodeLedger]
+) -> list[Conflict]:
     """Host ports of other pods that fall inside blocks Berth's pods hold."""
     found = []
-    for claim in view.foreign_claims():
+    for claim in claims:
         ledger = ledgers.get(claim.node)
         if ledger is None:
             continue
@@ -256,3 +290,37 @@ def foreign_conflicts(view: ClusterView, ledgers: Mapping[str, NodeLedger]) -> l
                 if any(port in span for span in assignment.blocks.values()):
                     found.append(Conflict(claim.node, PortRange(port, port), (holder,), claim))
     return found
+
+
+def listener_conflicts(view: ClusterView, ledgers: Mapping[str, NodeLedger]) -> list[Conflict]:
+    """Listeners a node's agent reported inside blocks held by pods that cannot
+    own them: a pod without hostNetwork binds in its own network namespace,
+    so a socket on its port in the host's is someone else's. (A hostNetwork
+    pod's own engine is such a listener; telling it apart would take reading
+    every process's sockets, which the agent is not privileged to do.)"""
+    found = []
+    for node, ledger in ledgers.items():
+        report = view.node_report(node)
+        if report is None:
+            continue
+        sockets = (("TCP", ports_of(report.tcp)), ("UDP", ports_of(report.udp)))
+        for holder, assignment in ledger.held():
+            pod = view.worker(holder.uid)
+            if pod is None or (pod.get("spec") or {}).get("hostNetwork"):
+                continue
+            for span in assignment.blocks.values():
+                for protocol, ports in sockets:
+                    found += [
+                        Conflict(node, PortRange(port, port), (holder,), listener=protocol)
+                        for port in sorted(p for p in ports if p in span)
+                    ]
+    return found
+
+
+def outside_conflicts(
+    view: ClusterView, ledgers: Mapping[str, NodeLedger], node: str | None = None
+) -> list[Conflict]:
+    """Ports Berth's pods hold that something Berth does not manage claims too
+    (on ``node``; every node: None)."""
+    claims = view.foreign_claims(node)
+    return foreign_conflicts(claims, ledgers) + listener_conflicts(view, ledgers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import random
@@ -11,11 +12,13 @@ from dataclasses import dataclass, field
 
 from berth import metrics
 from berth.allocation import AllocationService
+from berth.capacity import NodeCapacity
 from berth.config import OperatorConfig
 from berth.events import EventPoster
 from berth.kube import KubeApi
 from berth.ledger.ledgers import Ledgers
 from berth.ledger.store import LedgerStore
+from berth.node_reports import NodeReports
 from berth.reconcile import Reconciler
 from berth.repair import Repairer
 from berth.view import ClusterView
@@ -32,6 +35,8 @@ class Runtime:
     allocation: AllocationService
     reconciler: Reconciler
     repairer: Repairer
+    reports: NodeReports
+    capacity: NodeCapacity
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -48,7 +53,12 @@ class Runtime:
         )
         reconciler.waiting = allocation.waiting_reasons
         reconciler.conflicts = repairer.conflicts_of
-        return cls(config, client, view, allocation, reconciler, repairer)
+        reconciler.remember = functools.partial(view.observe_pod, "ADDED")
+        reports = NodeReports(
+            client, view, repairer, allocation, post_event, config.node_report_interval
+        )
+        capacity = NodeCapacity(client, view, ledgers)
+        return cls(config, client, view, allocation, reconciler, repairer, reports, capacity)
 
     def refresh(self, namespace: str, name: str) -> None:
         self.reconciler.request_refresh(namespace, name)
@@ -56,12 +66,17 @@ class Runtime:
     async def start(self) -> None:
         """Fill the view, then repair every ledger: before any watch, so before
         any allocation (the view must know every pool, host port and delivered
-        assignment from the first event on)."""
+        assignment from the first event on); then correct every node's
+        ``berth.dev/ports``."""
         await self.view.resync(self.client, everything=True)
         await self.repairer.sweep(relist=False)
+        await self.capacity.sync()
         metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
         settle_heap()
+        self.reports.warn_overlaps()
         self.background.append(asyncio.create_task(self._sweep_forever()))
+        if self.reports.interval > 0:
+            self.background.append(asyncio.create_task(self.reports.follow()))
 
     async def _sweep_forever(self) -> None:
         # Jitter keeps replicas (and restarts) from sweeping in step.
@@ -69,6 +84,7 @@ class Runtime:
             await asyncio.sleep(self.config.sweep_interval * random.uniform(0.9, 1.1))
             try:
                 dropped = await self.repairer.sweep()
+                await self.capacity.refresh_all()
                 if dropped:
                     log.info("sweep dropped %d holdings of pods that are gone", dropped)
                 settle_heap()
@@ -80,6 +96,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.reconciler.close()
+        await self.capacity.close()
         await self.client.close()
 
 

@@ -29,6 +29,8 @@ class Observed:
     bound: int = 0
     #: Why pods wait for ports (one reason per waiting pod).
     waiting: list[str] = field(default_factory=list)
+    #: The scheduler's message for each pod no node has berth.dev/ports for.
+    unschedulable: list[str] = field(default_factory=list)
     #: Port conflicts involving this deployment's pods (docs/design.md, repair).
     conflicts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -69,6 +71,12 @@ def deployment_status(
     if waiting:
         ports_ok, ports_reason = False, "PortsExhausted"
         ports_msg = f"{len(waiting)} pod(s) waiting for ports: {waiting[0]}"
+    elif observed.unschedulable:
+        ports_ok, ports_reason = False, "InsufficientPorts"
+        ports_msg = (
+            f"{len(observed.unschedulable)} pod(s) wait for the scheduler: no node has "
+            f"enough berth.dev/ports left ({observed.unschedulable[0]})"
+        )[:MAX_MESSAGE]
     else:
         ports_ok = allocated >= observed.bound
         ports_reason = "Allocated" if ports_ok else "Pending"

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import ValidationError
 
 from berth import kube
+from berth.agent.report import REPORT_SELECTOR, NodeReport, report_entry
 from berth.allocator.ranges import PortRange
 from berth.api import NodePortPool
 from berth.config import OperatorConfig
@@ -107,6 +108,9 @@ class ClusterView:
         self._pools: SnapshotCache[str, NodePortPool] = SnapshotCache()
         self._foreign: SnapshotCache[str, ForeignClaim] = SnapshotCache()
         self._workers: SnapshotCache[str, dict[str, Any]] = SnapshotCache()
+        self._namespace = config.namespace
+        #: What each node's agent reported (node_reports.py), by node name.
+        self._reports: SnapshotCache[str, NodeReport] = SnapshotCache()
 
     def observe_node(self, event: str | None, body: Body) -> bool:
         """Take a node event; True when the node's labels (so maybe its pool) changed."""
@@ -148,6 +152,7 @@ class ClusterView:
             return worker_summary(pod) if is_berths(pod) else None
 
         await self._nodes.resync(lambda: listing(kube.path("nodes"), node_entry))
+        await self.resync_reports(client)
         pools_url = kube.path("nodeportpools", group=GROUP, version=VERSION)
         await self._pools.resync(lambda: listing(pools_url, pool_entry))
         pods_url = kube.path("pods")
@@ -167,6 +172,29 @@ class ClusterView:
                 others[uid] = claim
         self._workers.replace(mine)
         self._foreign.replace(others)
+
+    async def resync_reports(self, client: KubeApi) -> set[str]:
+        """Re-list the node agents' reports; returns the nodes whose report changed."""
+        before = {report.node: report for report in self._reports.values()}
+        url = kube.path("configmaps", namespace=self._namespace)
+
+        async def listing() -> dict[str, NodeReport]:
+            entries = [report_entry(item) async for item in client.iterate(url, REPORT_SELECTOR)]
+            return {entry.node: entry for entry in entries if entry is not None}
+
+        await self._reports.resync(listing)
+        nodes = set(before) | set(self._reports.keys())
+        return {node for node in nodes if before.get(node) != self._reports.get(node)}
+
+    def node_report(self, node: str) -> NodeReport | None:
+        return self._reports.get(node)
+
+    def reports(self) -> list[NodeReport]:
+        return list(self._reports.values())
+
+    def worker(self, uid: str) -> Body | None:
+        """One of Berth's pods (summary), by UID."""
+        return self._workers.get(uid)
 
     def workers(self, namespace: str | None = None, deployment: str | None = None) -> list[Body]:
         """Berth's worker pods (summaries), optionally of one deployment."""
@@ -199,11 +227,18 @@ class ClusterView:
             PortRange(port, port) for claim in self.foreign_claims(node) for port in claim.ports
         ]
 
+    def avoided_ports(self, node: str) -> Sequence[PortRange]:
+        """Ports never handed out on ``node``: other pods' host ports, and every
+        listener its agent reported (a port Berth holds is not free anyway)."""
+        report = self._reports.get(node)
+        listening = (*report.tcp, *report.udp) if report else ()
+        return [*self.foreign_ports(node), *listening]
+
     def foreign_claims(self, node: str | None = None) -> list[ForeignClaim]:
         """Host ports other pods claim on ``node`` (every node: None)."""
         return [claim for claim in self._foreign.values() if node in (None, claim.node)]
 
-    def worker(self, namespace: str, name: str) -> Body | None:
+    def worker_named(self, namespace: str, name: str) -> Body | None:
         """One of Berth's pods by name (a scan: only DP group leaders are looked up)."""
         for pod in self._workers.values():
             meta = pod["metadata"]

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.contract import stubs
+from tests.contract import probe_dynamo, probe_ray, probe_sglang, stubs
 
 Found = list[tuple[str, int | None]]
 
@@ -278,12 +278,20 @@ def vllm_dp_rpc(src: Path, req: dict[str, Any]) -> Found:
     return [("dp-rpc handshake", port_of(address))]
 
 
-INSTALL: dict[str, Callable[[Path], None]] = {"vllm": install_vllm}
+INSTALL: dict[str, Callable[[Path, dict[str, Any]], None]] = {
+    "vllm": lambda src, req: install_vllm(src),
+    "sglang": probe_sglang.install,
+    "ai-dynamo": probe_dynamo.install,
+    "ray": probe_ray.install,
+}
 CHECKS: dict[str, Callable[[Path, dict[str, Any]], Found]] = {
     "vllm.nixl": vllm_nixl,
     "vllm.kv_events": vllm_kv_events,
     "vllm.scan": vllm_scan,
     "vllm.dp_rpc": vllm_dp_rpc,
+    **{f"sglang.{name}": check for name, check in probe_sglang.CHECKS.items()},
+    **{f"ai-dynamo.{name}": check for name, check in probe_dynamo.CHECKS.items()},
+    **{f"ray.{name}": check for name, check in probe_ray.CHECKS.items()},
 }
 
 
@@ -291,8 +299,8 @@ def main() -> None:
     """Run ``req["checks"]``; each answers its ports or the error it raised."""
     req = json.load(sys.stdin)
     src = Path(req["src"])
-    sys.path.insert(0, str(src))
-    INSTALL[req["engine"]](src)
+    sys.path[:0] = [str(src), *req.get("pylib", [])]
+    INSTALL[req["engine"]](src, req)
     answers: dict[str, Any] = {}
     for check in req["checks"]:
         try:

@@ -137,8 +137,11 @@ class _Finder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         top = fullname.partition(".")[0]
         if top == self.engine:
-            if fullname in self.real:
-                return None  # the engine's own file, imported as usual
+            if fullname in self.real or any(
+                r.endswith(".") and fullname.startswith(r) for r in self.real
+            ):
+                # The engine's own file, found here so that no later finder stubs it.
+                return importlib.machinery.PathFinder.find_spec(fullname, path)
             if any(r.startswith(fullname + ".") for r in self.real):
                 return _bare_package(fullname, path)
         elif top in sys.stdlib_module_names or top in self.allow:
@@ -147,5 +150,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install(engine: str, real: Iterable[str], allow: Iterable[str] = ()) -> None:
-    """Load ``real`` modules of package ``engine`` from source; stub everything else."""
+    """Load ``real`` modules of package ``engine`` from source; stub everything else.
+
+    A ``real`` entry ending in ``.`` names a whole subpackage; ``allow`` lists
+    third-party top-level packages imported for real (installed by wheels.pylib).
+    """
     sys.meta_path.insert(0, _Finder(engine, real, allow))

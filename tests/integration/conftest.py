@@ -4,13 +4,14 @@
 
 * ``BERTH_KUBECONFIG=/path/kubeconfig``: that cluster (kind or any real one);
   nothing is started or stopped, and tests must not assume kwok nodes.
-* ``BERTH_CLUSTER_DIR=/path``: the local control plane in that directory
-  (hack/localcluster.py). Reused if it is running; otherwise started there
+* ``BERTH_CLUSTER_DIR=/path``: the local test bed in that directory (the
+  ``testbed`` package). Reused if it is running; otherwise started there
   and left running after the session, so the next run starts instantly.
-  Stop it with ``python hack/localcluster.py down --dir /path``.
-* neither: a fresh local control plane in a temp dir, stopped at session end
+  Stop it with ``python -m testbed down --dir /path``.
+* neither: a fresh local test bed in a temp dir, stopped at session end
   (its components also die with the pytest process if that is killed).
-  ``BERTH_NODES`` sets the number of fake GPU nodes (default 4).
+  ``BERTH_NODES`` sets the number of fake GPU nodes (default 4),
+  ``BERTH_REAL_NODES`` the number of real nodes (default 1).
 
 ``namespace`` gives each test a fresh namespace (its default ServiceAccount
 already there), deleted afterwards without waiting. ``core_api`` /
@@ -19,40 +20,25 @@ already there), deleted afterwards without waiting. ``core_api`` /
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from testbed import ClusterError, LocalCluster, Toolchain
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_localcluster() -> ModuleType:
-    """hack/localcluster.py as a module (hack/ is not a package)."""
-    name = "berth_hack_localcluster"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "hack" / "localcluster.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -71,6 +57,9 @@ class Cluster:
     dir: Path  # state dir of the local control plane; a scratch dir for an external cluster
     kubectl_path: str
     nodes: list[str] = field(default_factory=list)  # schedulable fake (or worker) nodes
+    # Real nodes (kubelet + containerd), tainted so only pods that tolerate
+    # testbed.realnode.REAL_NODE_TAINT land there.
+    real_nodes: list[str] = field(default_factory=list)
     external: bool = False  # True with BERTH_KUBECONFIG: not our kwok control plane
     # Image for test pods: kwok never pulls it; on a real cluster set
     # BERTH_TEST_IMAGE to something its nodes can run.
@@ -110,7 +99,7 @@ def schedulable_nodes(cluster: Cluster) -> list[str]:
     return sorted(names)
 
 
-def _external(kubeconfig: str, scratch: Path, tools: Any) -> Cluster:
+def _external(kubeconfig: str, scratch: Path, tools: Toolchain) -> Cluster:
     path = Path(kubeconfig).expanduser().resolve()
     kubectl = str(tools.kubectl) if tools.kubectl.exists() else shutil.which("kubectl")
     if not kubectl:
@@ -123,41 +112,42 @@ def _external(kubeconfig: str, scratch: Path, tools: Any) -> Cluster:
     return handle
 
 
-def _local(local: Any) -> Cluster:
+def _local(local: LocalCluster) -> Cluster:
     state = local.state()
     return Cluster(
         str(local.kubeconfig),
         local.dir,
         str(local.tools.kubectl),
         nodes=list(state.get("nodes", [])),
+        real_nodes=list(state.get("real_nodes", {})),
         versions=dict(state.get("versions", {})),
     )
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    lc = load_localcluster()
-    tools = lc.Toolchain.from_env()
+    tools = Toolchain.from_env()
     kubeconfig = os.environ.get("BERTH_KUBECONFIG")
     if kubeconfig:
         yield _external(kubeconfig, tmp_path_factory.mktemp("external-cluster"), tools)
         return
 
     nodes = int(os.environ.get("BERTH_NODES", "4"))
+    real_nodes = int(os.environ.get("BERTH_REAL_NODES", "1"))
     kept_dir = os.environ.get("BERTH_CLUSTER_DIR")
     try:
         if kept_dir:
-            local = lc.LocalCluster(kept_dir)
-            if not local.is_running():
+            local = LocalCluster(kept_dir)
+            if not local.is_running() or len(local.real_nodes()) != real_nodes:
                 local.down()  # whatever is left of an earlier run
-                local.up(nodes)
+                local.up(nodes, real_nodes=real_nodes)
             owned = False
         else:
-            local = lc.LocalCluster(tmp_path_factory.mktemp("cluster"))
-            local.up(nodes, die_with_parent=True)
+            local = LocalCluster(tmp_path_factory.mktemp("cluster"))
+            local.up(nodes, real_nodes=real_nodes, die_with_parent=True)
             owned = True
-    except lc.ClusterError as e:
-        pytest.fail(f"local control plane did not start: {e}", pytrace=False)
+    except ClusterError as e:
+        pytest.fail(f"local test bed did not start: {e}", pytrace=False)
     handle = _local(local)
     # Fail fast (and readably) if the handle does not reach the server.
     handle.kubectl("get", "--raw=/readyz")
@@ -166,12 +156,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if owned:
             local.down()
-
-
-@pytest.fixture(scope="session")
-def localcluster() -> ModuleType:
-    """hack/localcluster.py (versions, node manifests, LocalCluster)."""
-    return load_localcluster()
 
 
 @pytest.fixture(scope="session")

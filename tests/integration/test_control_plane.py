@@ -13,10 +13,10 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+import testbed
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -290,11 +290,9 @@ def test_service_account_without_rbac_is_forbidden(
     cluster.kubectl("get", "pods", "-n", namespace)
 
 
-def test_api_server_reports_the_pinned_version(
-    cluster: Cluster, api_client: k8s.ApiClient, localcluster: ModuleType
-) -> None:
+def test_api_server_reports_the_pinned_version(cluster: Cluster, api_client: k8s.ApiClient) -> None:
     local_only(cluster)
-    pinned = localcluster.Toolchain.from_env().k8s_version
+    pinned = testbed.Toolchain.from_env().k8s_version
     assert pinned == cluster.versions["kubernetes"]
     info = k8s.VersionApi(api_client).get_code()
     assert info.git_version == pinned
@@ -304,11 +302,11 @@ def test_api_server_reports_the_pinned_version(
 
 
 @pytest.fixture
-def scratch_node(cluster: Cluster, namespace: str, localcluster: ModuleType) -> Iterator[str]:
+def scratch_node(cluster: Cluster, namespace: str) -> Iterator[str]:
     """An extra kwok node only this test's pods tolerate (so the rest of the
     session cannot take its GPUs)."""
     local_only(cluster)
-    body = localcluster.node_manifest(0, max_pods=16)
+    body = testbed.node_manifest(0, max_pods=16)
     name = f"scratch-{namespace}"[:63]
     body["metadata"]["name"] = name
     body["metadata"]["labels"]["kubernetes.io/hostname"] = name
@@ -358,21 +356,21 @@ def test_scheduler_enforces_gpu_allocatable(
 
 
 def test_second_cluster_gets_its_own_ports_and_down_leaves_nothing(
-    cluster: Cluster, tmp_path: Path, localcluster: ModuleType
+    cluster: Cluster, tmp_path: Path
 ) -> None:
     local_only(cluster)
-    other = localcluster.LocalCluster(tmp_path / "second")
-    state = other.up(1, die_with_parent=True, quiet=True)
+    other = testbed.LocalCluster(tmp_path / "second")
+    state = other.up(1, real_nodes=0, die_with_parent=True, quiet=True)
     try:
         ours = json.loads((cluster.dir / "state.json").read_text())["ports"]
         assert not set(state["ports"].values()) & set(ours.values())
         assert state["startup_seconds"] < 60
         got = cluster.kubectl("--kubeconfig", str(other.kubeconfig), "get", "nodes", "-o", "json")
         assert [n["metadata"]["name"] for n in json.loads(got.stdout)["items"]] == ["kwok-gpu-0"]
-        with pytest.raises(localcluster.ClusterError, match="already running"):
+        with pytest.raises(testbed.ClusterError, match="already running"):
             other.up(1)
         procs = other.processes()
-        assert sorted(p.name for p in procs) == sorted(localcluster.COMPONENTS)
+        assert sorted(p.name for p in procs) == sorted(testbed.COMPONENTS)
         assert all(p.alive() for p in procs)
     finally:
         other.down()

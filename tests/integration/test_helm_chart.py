@@ -3,9 +3,9 @@
 Lint, schema and drift are checked without a cluster in tests/unit/test_chart.py;
 here the API server judges the rendered objects, and `helm install` runs
 against the local control plane. Its nodes are simulated by kwok, which fakes
-the kubelet: the operator pod is scheduled and reported Running and Ready
-without its image being pulled or run. These tests prove the manifests; the
-operator itself is exercised out of the cluster by the other suites.
+the kubelet there. The last test installs the chart onto the test bed's real
+node instead: there the operator image (built from Debian packages by
+testbed.images) really runs, in cluster.
 """
 
 from __future__ import annotations
@@ -13,14 +13,27 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from testbed import RealNode, Toolchain, images
+from testbed.procs import free_ports
+from testbed.realnode import REAL_NODE_TOLERATION
 from tests.support.operator_process import wait_for
-from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
+from tests.support.scenarios import (
+    OPERATOR_NAMESPACE,
+    all_allocated,
+    apply_deployment,
+    ensure_namespace,
+    expected_pods,
+    install_crds,
+    load_example,
+)
 from tests.support.tools import find_helm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,3 +273,165 @@ def test_schema_rejects_a_bad_value_before_install(cluster: Any, namespace: str)
     assert "at '/defaultPool/0': '20000-' does not match pattern" in result.stderr
     listed = helm(cluster, "list", "--namespace", namespace, "-q").stdout.split()
     assert RELEASE not in listed
+
+
+def operator_image_on(cluster: Any, node: str) -> str:
+    """The operator image built from Debian packages (testbed.images), imported
+    into the real node's containerd; its name."""
+    tar = images.operator_image()
+    RealNode(Path(cluster.dir), cluster.real_nodes.index(node), Toolchain.from_env()).ctr(
+        "images", "import", str(tar)
+    )
+    return images.operator_image_name()
+
+
+def real_node_sets(cluster: Any, node: str, **extra: str) -> list[str]:
+    """helm --set arguments that run the chart's pods on the test bed's real node
+    with the image built here."""
+    repository, _, tag = operator_image_on(cluster, node).rpartition(":")
+    server_port = urllib.parse.urlsplit(
+        yaml.safe_load(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"]["server"]
+    ).port
+    metrics, health = free_ports(2)
+    overrides = {
+        "image.repository": repository,
+        "image.tag": tag,
+        "image.pullPolicy": "Never",
+        "hostNetwork": "true",
+        "metrics.port": str(metrics),
+        "health.port": str(health),
+        "nodeSelector.kubernetes\\.io/hostname": node,
+        "tolerations[0].key": REAL_NODE_TOLERATION["key"],
+        "tolerations[0].operator": REAL_NODE_TOLERATION["operator"],
+        # The API server listens on the host's loopback: in-cluster config
+        # (these two variables plus the ServiceAccount token) must point there.
+        "extraEnv[0].name": "KUBERNETES_SERVICE_HOST",
+        "extraEnv[0].value": "127.0.0.1",
+        "extraEnv[1].name": "KUBERNETES_SERVICE_PORT",
+        "extraEnv[1].value": str(server_port),
+        **extra,
+    }
+    return [
+        arg
+        for k, v in overrides.items()
+        for arg in ("--set-string" if k.startswith("extraEnv") else "--set", f"{k}={v}")
+    ]
+
+
+def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace: str) -> None:
+    """The chart's pod runs the operator image for real: in-cluster config from
+    its ServiceAccount, probes answered, read-only root, uid 65532; the
+    example deployment (on the kwok GPU nodes) gets its ports from it."""
+    if not cluster.real_nodes:
+        pytest.fail("needs the local test bed's real node (BERTH_REAL_NODES >= 1)", pytrace=False)
+    node = cluster.real_nodes[0]
+    install_crds(cluster)
+    sets = real_node_sets(cluster, node)
+    try:
+        helm(
+            cluster,
+            "install",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            namespace,
+            *sets,
+            "--wait",
+            "--timeout",
+            "120s",
+        )
+        (pod,) = operator_pods(cluster, namespace)
+        assert pod["spec"]["nodeName"] == node
+        assert pod["spec"]["serviceAccountName"] == RELEASE
+        (status,) = pod["status"]["containerStatuses"]
+        assert status["ready"] and status["restartCount"] == 0
+        assert status["imageID"], "a real container, not kwok's word"
+        name = pod["metadata"]["name"]
+        exec_ = ("exec", "-n", namespace, name, "--")
+        assert cluster.kubectl(
+            *exec_, "python", "-c", "import os; print(os.getuid(), os.getgid())"
+        ).stdout.split() == ["65532", "65532"]
+        probe = cluster.kubectl(*exec_, "python", "-c", "open('/opt/berth/x', 'w')", check=False)
+        assert probe.returncode != 0 and "Read-only file system" in probe.stderr
+
+        manifest = load_example()
+        ensure_namespace(cluster, f"{namespace}-ex")
+        try:
+            apply_deployment(cluster, f"{namespace}-ex", manifest)
+            wait_for(
+                lambda: all_allocated(
+                    cluster,
+                    f"{namespace}-ex",
+                    manifest["metadata"]["name"],
+                    expected_pods(manifest),
+                ),
+                timeout=90,
+                what="the example's pods to get ports from the in-cluster operator",
+            )
+        finally:
+            cluster.kubectl("delete", "namespace", f"{namespace}-ex", "--wait=false", check=False)
+        # The allocations were this pod's: its audit trail (stdout) has them.
+        log = cluster.kubectl("logs", "-n", namespace, name).stdout
+        assert '"audit"' in log, log[-2000:]
+    finally:
+        helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+
+
+def test_helm_install_runs_the_node_agent_on_the_real_node(cluster: Any, namespace: str) -> None:
+    """The chart's agent DaemonSet, as a container on a real kubelet, reports
+    what is bound in the node's network namespace (docs/node-agent.md)."""
+    if not cluster.real_nodes:
+        pytest.fail("needs the local test bed's real node (BERTH_REAL_NODES >= 1)", pytrace=False)
+    node = cluster.real_nodes[0]
+    install_crds(cluster)
+    agent = {
+        "agent.enabled": "true",
+        "agent.intervalSeconds": "1",
+        "agent.nodeSelector.kubernetes\\.io/hostname": node,
+    }
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))  # the real node's pods share this network namespace
+        listener.listen()
+        port = listener.getsockname()[1]
+        try:
+            helm(
+                cluster,
+                "install",
+                RELEASE,
+                str(CHART),
+                "--namespace",
+                namespace,
+                *real_node_sets(cluster, node, **agent),
+                "--wait",
+                "--timeout",
+                "120s",
+            )
+
+            def reported() -> bool:
+                found = cluster.kubectl(
+                    "get",
+                    "configmap",
+                    f"berth-node.{node}",
+                    "-n",
+                    namespace,
+                    "-o",
+                    "json",
+                    check=False,
+                )
+                if found.returncode != 0:
+                    return False
+                tcp = json.loads(found.stdout)["data"].get("tcp", "")
+                return any(
+                    int(a) <= port <= int(b or a)
+                    for a, _, b in (part.partition("-") for part in tcp.split(",") if part)
+                )
+
+            wait_for(reported, timeout=60, what=f"the agent on {node} to report port {port}")
+            pods = cluster.json(
+                "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=node-agent"
+            )["items"]
+            (agent_pod,) = [p for p in pods if p["spec"]["nodeName"] == node]
+            (status,) = agent_pod["status"]["containerStatuses"]
+            assert status["ready"] and status["imageID"], "a real container, not kwok's word"
+        finally:
+            helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)

@@ -36,15 +36,19 @@ from typing import Any
 import pytest
 import yaml
 from tests.support import scenarios
-from tests.support.invariants import berth_pods, read_ledgers
+from tests.support.invariants import berth_pods, ledger_holders
 from tests.support.operator_process import OperatorProcess, wait_for
 from tests.support.scenarios import (
     OPERATOR_NAMESPACE,
     custom_deployment,
     ensure_namespace,
     install_crds,
+    wait_consistent,
 )
 from tests.support.tools import find_helm
+from tests.support.watcher import ClusterWatcher
+
+from berth.capacity import status_patch
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "berth"
@@ -75,8 +79,10 @@ TRIGGERS: dict[Perm, int] = {
     ("ClusterRole", "", "configmaps", "create"): ALLOCATE,
     ("ClusterRole", "", "configmaps", "patch"): ALLOCATE,
     ("ClusterRole", "", "configmaps", "update"): SCALE_DOWN,
+    ("ClusterRole", "", "configmaps", "delete"): RESTART,
     ("ClusterRole", "", "nodes", "list"): START,
     ("ClusterRole", "", "nodes", "watch"): START,
+    ("ClusterRole", "", "nodes/status", "patch"): START,
     ("ClusterRole", "", "events", "create"): SPEC_ERROR,
     ("ClusterRole", "berth.dev", "inferencedeployments", "list"): START,
     ("ClusterRole", "berth.dev", "inferencedeployments", "watch"): START,
@@ -153,7 +159,8 @@ def can(cluster: Any, perm: Perm) -> bool:
     if sub:
         args.append(f"--subresource={sub}")
     args += ["-n", OPERATOR_NAMESPACE] if kind == "Role" else ["--all-namespaces"]
-    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+    answer: str = cluster.kubectl(*args, check=False).stdout
+    return answer.strip() == "yes"
 
 
 def write_kubeconfig(cluster: Any, token: str, path: Path) -> str:
@@ -307,7 +314,7 @@ class Drive:
         return len(cm.get("data") or {}) == count
 
     def held(self) -> set[str]:
-        return {uid for holders in read_ledgers(self.cluster).values() for uid in holders}
+        return {uid for holders in ledger_holders(self.cluster).values() for uid in holders}
 
     # -- steps --
 
@@ -316,6 +323,10 @@ class Drive:
 
     def start(self) -> None:
         before = self.starts()
+        # A node without berth.dev/ports: start-up must advertise it (nodes/status patch).
+        unset = json.dumps(status_patch(None))
+        node = self.cluster.nodes[0]
+        self.cluster.kubectl("patch", "node", node, "--subresource=status", "-p", unset)
         # Elected as in the chart, on a Lease of this test's own (created at start).
         env = {
             "BERTH_SWEEP_INTERVAL": "2",
@@ -340,7 +351,7 @@ class Drive:
 
         def reported() -> bool:
             status = self.kube("get", "nodeportpool", self.namespace).get("status", {})
-            return status.get("nodes") == 0 and status.get("ports") == 100
+            return bool(status.get("nodes") == 0 and status.get("ports") == 100)
 
         self.until(reported, 15, "the pool's status")
 
@@ -390,7 +401,8 @@ class Drive:
 
     def restart(self) -> None:
         """A pod deleted while the operator is down: the start-up sweep re-reads it
-        (GET) before reclaiming its ports."""
+        (GET) before reclaiming its ports. Its ConfigMap is orphaned, so the pod
+        that replaces it finds it and must delete it first."""
         assert self.operator is not None
         self.operator.stop()
         victim = f"{DEPLOYMENT}-worker-1"
@@ -403,6 +415,7 @@ class Drive:
             self.namespace,
             "--grace-period=0",
             "--force",
+            "--cascade=orphan",
             check=False,
         )
         wait_for(lambda: all(p["metadata"]["uid"] != uid for p in self.pods()), 30, what="pod gone")
@@ -482,11 +495,14 @@ def test_example_scenario_passes_with_the_chart_service_account(
 
 
 def test_every_behaviour_passes_with_the_chart_rbac(
-    cluster: Any, identity: Identity, namespace: str, tmp_path: Path
+    cluster: Any, identity: Identity, namespace: str, tmp_path: Path, core_api: Any
 ) -> None:
     drive = Drive(cluster, namespace, identity.kubeconfig, tmp_path / "operator.log")
     try:
-        drive.run()
+        with ClusterWatcher(core_api) as watcher:  # I1, I3, ledgers on every state
+            drive.run()
+            wait_consistent(cluster, watcher.tracker, timeout=30)
+        assert watcher.gaps == 0
     finally:
         drive.stop()
 

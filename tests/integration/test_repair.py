@@ -9,11 +9,16 @@ twice (I1), whatever happens to the ledgers (docs/design.md).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from testbed.cluster import LocalCluster
 from tests.support.operator_process import OperatorProcess, audit_lines, wait_for
 from tests.support.scenarios import (
     OPERATOR_NAMESPACE,
@@ -28,6 +33,7 @@ Body = dict[str, Any]
 #: pod uid -> (pod name, node, block name -> "first-last")
 Delivered = dict[str, tuple[str, str, dict[str, str]]]
 FAST_SWEEP = {"BERTH_SWEEP_INTERVAL": "2"}
+REPAIR_STARTS = "repairing the ledgers of"
 
 
 def span(text: str) -> range:
@@ -213,15 +219,15 @@ def test_the_operators_namespace_deleted_and_reinstalled(
 def test_sigkill_in_the_middle_of_a_repair(
     cluster: Any, operator: OperatorProcess, namespace: str
 ) -> None:
-    """Every ledger deleted, then the operator killed as soon as the start-up repair
-    has written its first node: the next start must finish the job."""
+    """Every ledger deleted, then the operator killed as the start-up repair begins
+    or a few milliseconds into it: the next start must finish the job."""
     apply_deployment(cluster, namespace, custom_deployment("spread", 16))
     wait_for(lambda: all_allocated(cluster, namespace, "spread", 16), timeout=90, what="alloc")
     before = delivered(cluster, namespace)
     nodes = sorted({node for _, node, _ in before.values()})
     assert len(nodes) > 1, "the repair must span several nodes to be cut in the middle"
     cut = 0
-    for _ in range(5):
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.04):
         operator.kill()
         for node in nodes:
             cluster.kubectl(
@@ -232,16 +238,16 @@ def test_sigkill_in_the_middle_of_a_repair(
                 OPERATOR_NAMESPACE,
                 check=False,
             )
-        seen = sum(1 for line in audit_lines(operator.log) if line["audit"] == "repair")
+        seen = operator.log.read_text().count(REPAIR_STARTS)
         operator.start()
+        # Kill as the start-up repair begins, or a few milliseconds into it.
         wait_for(
-            lambda seen=seen: (
-                sum(1 for line in audit_lines(operator.log) if line["audit"] == "repair") > seen
-            ),
+            lambda seen=seen: operator.log.read_text().count(REPAIR_STARTS) > seen,
             timeout=30,
             interval=0.001,
             what="the repair to start",
         )
+        time.sleep(delay)
         operator.kill()
         cut += not all(ledger_agrees(cluster, node, before) for node in nodes)
     assert cut >= 1, "no kill landed before the repair had finished"
@@ -291,6 +297,8 @@ def test_a_late_foreign_pod_on_a_held_port_is_reported(
     assert any(
         line["audit"] == "conflict" and line["pod"] == name for line in audit_lines(operator.log)
     )
+    # Leave no overlap behind for the cluster-wide checks of later tests.
+    cluster.kubectl("delete", "pod", "late-agent", "-n", namespace, "--wait=true")
 
 
 def test_a_users_objects_are_never_overwritten_adopted_or_deleted(
@@ -336,3 +344,106 @@ def test_a_users_objects_are_never_overwritten_adopted_or_deleted(
     assert gone.returncode != 0, "a pod whose ConfigMap name is taken was created"
     events = cluster.json("get", "events", "-n", namespace)["items"]
     assert any(e["reason"] == "NameClash" for e in events)
+
+
+@pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
+def test_a_control_plane_restart_during_allocation(
+    cluster: Any, operator: OperatorProcess, namespace: str, component: str
+) -> None:
+    """The API server (or etcd under it) goes away while pods are being allocated."""
+    if cluster.external:
+        pytest.skip("restarting the control plane needs the local test bed")
+    bed = LocalCluster(cluster.dir)
+    apply_deployment(cluster, namespace, custom_deployment("before", 8))
+    wait_for(lambda: all_allocated(cluster, namespace, "before", 8), timeout=90, what="alloc")
+    before = delivered(cluster, namespace)
+    apply_deployment(cluster, namespace, custom_deployment("during", 24))
+    time.sleep(0.5)  # the operator is creating and allocating "during"
+    bed.restart(component, down_for=2.0, die_with_parent="BERTH_CLUSTER_DIR" not in os.environ)
+    wait_for(lambda: all_allocated(cluster, namespace, "during", 24), timeout=120, what="alloc")
+    after = delivered(cluster, namespace)
+    assert {uid: after[uid] for uid in before} == before
+    assert_disjoint(after)
+    assert operator.alive()
+
+
+def test_widening_a_pool_serves_the_waiting_pod_at_once(
+    cluster: Any, crds: None, namespace: str, tmp_path: Path
+) -> None:
+    """A pool change wakes the pods waiting for ports, not the next sweep."""
+    node = cluster.nodes[2]
+    proc = OperatorProcess(
+        cluster.kubeconfig, tmp_path / "slow-sweep.log", env={"BERTH_SWEEP_INTERVAL": "600"}
+    ).start()
+    pool = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "NodePortPool",
+        "metadata": {"name": "narrow"},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
+            "ranges": [{"start": 27000, "end": 27002}],
+            "priority": 1000,
+        },
+    }
+    try:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pool))
+        time.sleep(1)
+        apply_deployment(cluster, namespace, custom_deployment("wide", 1, node=node))
+        wait_for(
+            lambda: any(line["audit"] == "exhausted" for line in audit_lines(proc.log)),
+            timeout=60,
+            what="the pod to wait for ports",
+        )
+        pool["spec"]["ranges"] = [{"start": 27000, "end": 27099}]
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(pool))
+        started = time.monotonic()
+        wait_for(lambda: all_allocated(cluster, namespace, "wide", 1), timeout=20, what="alloc")
+        assert time.monotonic() - started < 20  # the sweep would take 600 s
+    finally:
+        proc.stop()
+        cluster.kubectl("delete", "nodeportpool", "narrow", check=False)
+
+
+def test_berth_check_finds_an_overlap_and_says_ok_otherwise(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    def check() -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+        return subprocess.run(
+            [sys.executable, "-m", "berth.cli.main", "check", "-o", "json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=120,
+        )
+
+    node = cluster.nodes[3]
+    apply_deployment(cluster, namespace, custom_deployment("fsck", 2, node=node))
+    wait_for(lambda: all_allocated(cluster, namespace, "fsck", 2), timeout=60, what="alloc")
+    healthy = check()
+    # Cluster-wide: other tests' namespaces may still be going away; judge ours.
+    mine = [f for f in json.loads(healthy.stdout) if namespace in " ".join(f["pods"])]
+    assert healthy.returncode in (0, 1), healthy.stderr
+    assert not [f for f in mine if f["error"]], mine
+    (first, _, a), (second, _, _) = delivered(cluster, namespace).values()
+    operator.stop()  # a hand edit the repair loop must not see first
+    try:
+        cluster.kubectl(
+            "annotate",
+            "pod",
+            second,
+            "-n",
+            namespace,
+            "--overwrite",
+            f"berth.dev/ports={json.dumps(a)}",
+        )
+        broken = check()
+        assert broken.returncode == 1, broken.stdout
+        overlaps = [f for f in json.loads(broken.stdout) if f["kind"] == "overlap"]
+        assert any(
+            {f"{namespace}/{first}", f"{namespace}/{second}"} == set(f["pods"]) for f in overlaps
+        )
+    finally:
+        cluster.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=true", "--timeout=60s")
+        cluster.kubectl("delete", "infd", "--all", "-n", namespace, "--wait=true")

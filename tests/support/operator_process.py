@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,13 +44,17 @@ class OperatorProcess:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: TextIO | None = None
+        self.metrics_port = 0
+        self.run_offset = 0  # where this run's output starts in ``log``
 
     def start(self) -> OperatorProcess:
+        self.metrics_port = int(self.extra_env.get("BERTH_METRICS_PORT") or free_port())
+        self.run_offset = self.log.stat().st_size if self.log.exists() else 0
         env = {
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
             "BERTH_NAMESPACE": self.namespace,
-            "BERTH_METRICS_PORT": str(free_port()),
+            "BERTH_METRICS_PORT": str(self.metrics_port),
             "BERTH_SWEEP_INTERVAL": "5",
             **self.extra_env,
         }
@@ -87,8 +92,20 @@ class OperatorProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def audit_lines(self) -> list[dict[str, Any]]:
-        return list(audit_lines(self.log))
+    def audit_lines(self, this_run: bool = False) -> list[dict[str, Any]]:
+        """Every run's audit lines, or only those of the current run."""
+        return list(audit_lines(self.log, self.run_offset if this_run else 0))
+
+    def metrics(self) -> dict[str, float]:
+        """The running process's Prometheus metrics (``name{labels}`` -> value)."""
+        return scrape(self.metrics_port)
+
+    def metric(self, name: str) -> float:
+        """One metric, 0 while the process is not serving metrics yet."""
+        try:
+            return self.metrics().get(name, 0.0)
+        except OSError:
+            return 0.0
 
     def peak_rss_mb(self) -> float:
         """The running process's peak resident set (VmHWM), for the benchmark."""
@@ -99,8 +116,23 @@ class OperatorProcess:
         return 0.0
 
 
-def audit_lines(log: Path) -> Iterator[dict[str, Any]]:
-    for line in log.read_text().splitlines():
+def scrape(port: int) -> dict[str, float]:
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def audit_lines(log: Path, offset: int = 0) -> Iterator[dict[str, Any]]:
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    # Only whole lines: a SIGKILLed process may leave half of one.
+    for line in text[: text.rfind("\n") + 1].splitlines():
         if line.startswith("{") and '"audit"' in line:
             yield json.loads(line)
 

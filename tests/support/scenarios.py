@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from tests.support.invariants import (
-    assert_no_leak,
-    assert_no_overlap,
+    InvariantViolation,
+    StableTracker,
     berth_pods,
-    read_ledgers,
+    check_cluster,
 )
 from tests.support.operator_process import OperatorProcess, wait_for
 
@@ -98,7 +99,7 @@ def run_example_scenario(
     cluster: Any, kubeconfig: str, namespace: str, tmp_path: Path, timeout: float = 90
 ) -> OperatorProcess:
     """Apply the example with an operator using ``kubeconfig``; wait until every pod
-    has ports; check I1 and I2. Returns the (still running) operator."""
+    has ports; check I1-I3 and the ledgers. Returns the (still running) operator."""
     install_crds(cluster)
     ensure_namespace(cluster, OPERATOR_NAMESPACE)
     operator = OperatorProcess(kubeconfig, tmp_path / "operator.log").start()
@@ -111,18 +112,29 @@ def run_example_scenario(
             timeout=timeout,
             what=f"every pod of {name} to get ports",
         )
-        view = read_ledgers(cluster)
-        assert_no_overlap(view)
-        wait_for(lambda: _quiet_no_leak(cluster), timeout=30, what="ledger == live pods")
+        tracker = StableTracker()
+        check_cluster(cluster, quiet=False, tracker=tracker)  # I1, I3 so far
+        wait_consistent(cluster, tracker, timeout=30)
     except BaseException:
         operator.stop()  # a failed scenario must not leave an operator serving the next test
         raise
     return operator
 
 
-def _quiet_no_leak(cluster: Any) -> bool:
-    try:
-        assert_no_leak(read_ledgers(cluster), berth_pods(cluster))
-    except AssertionError:
-        return False
-    return True
+def wait_consistent(
+    cluster: Any, tracker: StableTracker | None = None, timeout: float = 60
+) -> None:
+    """Wait until I1, I2 and the ledgers hold on a quiet cluster (and I3, with ``tracker``).
+
+    Raises the last violations on timeout; an I3 break at once, since a port
+    that changed never changes back.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_cluster(cluster, quiet=True, tracker=tracker)
+            return
+        except InvariantViolation:
+            if time.monotonic() > deadline or (tracker is not None and tracker.violations):
+                raise
+        time.sleep(0.5)

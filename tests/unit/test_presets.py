@@ -191,19 +191,35 @@ def test_unparseable_version_is_a_preset_error() -> None:
 
 
 def test_dynamo_vllm() -> None:
+    """Dynamo >= 1.1 (vLLM >= 0.19): forward-pass metrics, no DYN_VLLM_KV_EVENT_PORT."""
     role = resolve("dynamo-vllm", tensorParallelSize=2, dataParallelSize=2)
+    assert role.rules == ">=0.19.0"
     assert [b.name for b in role.blocks] == ["system", "request", "nixl", "kv-events", "fpm"]
     e = env(role)
     assert e["DYN_SYSTEM_PORT"] == ("system", "start", 0)
     assert e["DYN_TCP_RPC_PORT"] == ("request", "start", 0)
-    # Both KV-events conventions point into the same block.
     assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
-    assert e["DYN_VLLM_KV_EVENT_PORT"] == ("kv-events", "start", 0)
+    assert "DYN_VLLM_KV_EVENT_PORT" not in e  # Dynamo 1.1+ reads no such env
     # Forward-pass metrics: base + global DP rank, default 20380 (inside the pool).
     assert e["DYN_FORWARDPASS_METRIC_PORT"] == ("fpm", "rankBase", 1)
     assert "BERTH_HTTP_PORT" not in e  # the Dynamo frontend serves HTTP, not the worker
     assert role.static_env == {"DYN_SYSTEM_ENABLED": "true"}
     assert role.bind_address_env == ("VLLM_NIXL_SIDE_CHANNEL_HOST",)
+    assert not any("DYN_VLLM_KV_EVENT_PORT" in w for w in role.warnings)
+
+
+@pytest.mark.parametrize(
+    ("version", "rules"), [("0.11.0", ">=0.11.0,<0.11.1"), ("0.16.0", ">=0.11.1,<0.19.0")]
+)
+def test_dynamo_vllm_before_1_1(version: str, rules: str) -> None:
+    """Dynamo 0.7-1.0: KV events from DYN_VLLM_KV_EVENT_PORT too, no forward-pass metrics."""
+    role = resolve("dynamo-vllm", version, tensorParallelSize=2, dataParallelSize=2)
+    assert role.rules == rules
+    assert [b.name for b in role.blocks] == ["system", "request", "nixl", "kv-events"]
+    e = env(role)
+    # Both KV-events conventions point into the same block.
+    assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
+    assert e["DYN_VLLM_KV_EVENT_PORT"] == ("kv-events", "start", 0)
     assert any("DYN_VLLM_KV_EVENT_PORT" in w for w in role.warnings)
 
 
@@ -215,17 +231,38 @@ def test_dynamo_vllm_versions() -> None:
         resolve("dynamo-vllm", "0.10.1")
 
 
-@pytest.mark.parametrize(("version", "plus"), [("0.4.9", 8), ("0.5.8", 14), ("0.5.23", 14)])
-def test_sglang(version: str, plus: int) -> None:
+@pytest.mark.parametrize(
+    ("version", "dist_init", "rules"),
+    [
+        ("0.4.9", 8 + 6, ">=0.4.9,<0.5.8"),
+        ("0.5.8", 14, ">=0.5.8,<0.5.18"),
+        ("0.5.23", 8 + 14, ">=0.5.22"),
+    ],
+)
+def test_sglang(version: str, dist_init: int, rules: str) -> None:
+    """dist-init: D..D+5+dp (0.4.9), D..D+13 (0.5.8), + the rust-server ranks (0.5.22)."""
     role = resolve("sglang", version, tensorParallelSize=8, dataParallelSize=8)
+    assert role.rules == rules
     sizes = {b.name: b.size for b in role.blocks}
-    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": 8 + plus, "nccl": 1, "kv-events": 8}
+    assert sizes == {"http": 1, "bootstrap": 1, "dist-init": dist_init, "nccl": 1, "kv-events": 8}
     e = env(role)
     assert e["BERTH_DIST_INIT_PORT"] == ("dist-init", "start", 0)
     assert e["BERTH_NCCL_PORT"] == ("nccl", "start", 0)
     assert e["BERTH_KV_EVENTS_PORT"] == ("kv-events", "rankBase", 1)
     assert role.bind_address_env == ()
     assert any("--enable-dp-attention" in w for w in role.warnings)
+
+
+def test_sglang_server_spanning_pods_points_every_pod_at_the_leader() -> None:
+    role = resolve(
+        "sglang", tensorParallelSize=2, dataParallelSize=4, dataParallelSizeLocal=2, replicas=2
+    )
+    assert [(g.name, g.source, g.block) for g in role.group_env] == [
+        ("BERTH_DIST_INIT_ADDRESS", "leaderAddress", ""),
+        ("BERTH_DIST_INIT_LEADER_PORT", "leaderBlock", "dist-init"),
+    ]
+    assert any("wait_port_available" in w for w in role.warnings)
+    assert resolve("sglang", tensorParallelSize=2, dataParallelSize=4).group_env == ()
 
 
 def test_sglang_before_nccl_port_is_refused() -> None:
@@ -503,7 +540,8 @@ def test_every_rank_binds_inside_its_pods_blocks(
         if per_engine:
             assert len(vllm_nixl_ports(0, tp, ranks, True)) == assigned["nixl"].size
     inside(kv_events_ports(values["BERTH_KV_EVENTS_PORT"], ranks), "kv-events")
-    if preset == "dynamo-vllm" and dp_local == 1:  # more: a warning, see test_dynamo_vllm
+    # Dynamo < 1.1 only; more than one rank per pod: a warning (test_dynamo_vllm_before_1_1)
+    if preset == "dynamo-vllm" and dp_local == 1 and "DYN_VLLM_KV_EVENT_PORT" in values:
         inside(dynamo_kv_ports(values["DYN_VLLM_KV_EVENT_PORT"], ranks), "kv-events")
     for name, (block_name, value, _) in env(role).items():
         if value == "start":

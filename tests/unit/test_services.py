@@ -70,6 +70,8 @@ class Bed:
         ledgers = Ledgers(LedgerStore(kube, "berth-system"))
         allocation = AllocationService(kube, ledgers, view, events)
         repairer = Repairer(kube, ledgers, view, allocation, events)
+        for node in ("n1", "n2"):
+            view.observe_node("ADDED", {"metadata": {"name": node, "uid": f"uid-{node}"}})
         for pod in kube.objects.values():
             if pod.get("kind") == "Pod":
                 view.observe_pod("ADDED", pod)
@@ -161,6 +163,16 @@ async def test_a_lost_ledger_never_moves_a_running_pod(restart: bool) -> None:
     assert after == before
     newcomer = await bed.deliver("web-d-12")
     assert_disjoint({**after, **newcomer})
+
+
+async def test_a_ledger_deleted_while_running_is_rebuilt_by_the_next_sweep() -> None:
+    bed = Bed.make()
+    before = await bed.deliver("web-d-0", "web-d-1")
+    await bed.kube.delete(f"{LEDGERS}/berth-ledger.n1")
+    await bed.repairer.sweep(relist=False)
+    rebuilt = ledger_of(bed.kube)
+    assert rebuilt is not None
+    assert {bed.current(n)["metadata"]["uid"] for n in before} <= set(rebuilt["data"])
 
 
 async def test_a_ledger_edited_by_hand_yields_to_the_pods() -> None:
@@ -441,3 +453,38 @@ async def test_a_dp_group_follower_gets_its_leaders_address_and_rpc_port() -> No
     assert theirs["data"]["BERTH_DP_ADDRESS"] == mine["data"]["BERTH_DP_ADDRESS"] == "10.0.0.0"
     assert theirs["data"]["BERTH_DP_LEADER_RPC_PORT"] == mine["data"]["BERTH_DP_RPC_PORT"]
     assert theirs["data"]["BERTH_DP_START_RANK"] == "4"
+
+
+async def test_a_deleted_nodes_ledger_is_not_brought_back() -> None:
+    """The garbage collector removes a deleted node's ledger; its pods are going
+    away too, so repair must not write the ledger again (it would have no owner)."""
+    bed = Bed.make()
+    await bed.deliver("web-d-0", node="n2")
+    bed.view.observe_node("DELETED", {"metadata": {"name": "n2", "uid": "uid-n2"}})
+    await bed.kube.delete(f"{LEDGERS}/berth-ledger.n2")
+    await bed.repairer.sweep(relist=False)
+    assert ledger_of(bed.kube, "n2") is None
+
+
+async def test_reconcile_drops_the_configmap_a_gone_pod_of_that_name_left() -> None:
+    kube, events = FakeKube(), Events()
+    view = ClusterView(OperatorConfig())
+    stale = {
+        "metadata": {
+            "name": "web-worker-0-ports",
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY},
+            "ownerReferences": [{"kind": "Pod", "name": "web-worker-0", "uid": "gone-uid"}],
+        },
+        "data": {"HTTP_PORT": "20000"},
+    }
+    kube.put(CONFIGMAPS, stale)
+    live = kube.put(PODS, {"kind": "Pod", "metadata": {"name": "web-worker-1"}, "spec": {}})
+    kept = {**stale, "metadata": {**stale["metadata"], "name": "web-worker-1-ports"}}
+    kept["metadata"]["ownerReferences"] = [
+        {"kind": "Pod", "name": "web-worker-1", "uid": live["metadata"]["uid"]}
+    ]
+    kube.put(CONFIGMAPS, kept)
+    await reconciler(kube, events, view).reconcile(deployment(kube))
+    assert kube.at(f"{CONFIGMAPS}/web-worker-0-ports") is None  # could start the new pod
+    assert kube.at(f"{PODS}/web-worker-0") is not None
+    assert kube.at(f"{CONFIGMAPS}/web-worker-1-ports") is not None  # its pod lives

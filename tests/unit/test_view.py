@@ -148,7 +148,7 @@ def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
     cache.observe_pod("ADDED", worker)
     (summary,) = cache.workers("ml", "llama")
     assert summary["metadata"]["annotations"] == {"berth.dev/ports": '{"http":"20000"}'}
-    assert summary["spec"] == {"nodeName": "n1"}
+    assert summary["spec"] == {"nodeName": "n1", "hostNetwork": True}
     assert summary["status"] == {"phase": "Running", "hostIP": "10.0.0.1", "podIP": "10.0.0.1"}
     assert cache.workers("ml", "other") == [] and cache.workers("other", "llama") == []
     assert cache.foreign_ports("n1") == []  # Berth's own ports are in the ledger, not here
@@ -183,6 +183,7 @@ async def test_start_up_fills_every_view_with_one_pass_over_pods() -> None:
         nodes=[node("g1", {"gpu": "yes"})],
         nodeportpools=[pool("gpu", 21000, 21999)],
         pods=[worker, other],
+        configmaps=[],  # no node agent reports
     )
     cache = ClusterView(OperatorConfig())
     await cache.resync(client, everything=True)  # type: ignore[arg-type]

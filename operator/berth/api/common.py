@@ -93,3 +93,17 @@ class StatusModel(ApiModel):
 
 Port = Annotated[int, Field(ge=MIN_PORT, le=MAX_PORT)]
 EnvName = Annotated[str, Field(min_length=1, max_length=128, pattern=ENV_NAME)]
+
+
+class ResourceObject(BaseModel):
+    """A whole object as kopf or the API server delivers it: metadata stays a
+    dict, status is optional, unknown fields are ignored."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    api_version: str = Field(API_VERSION, alias="apiVersion")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))

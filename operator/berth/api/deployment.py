@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, model_validator
 
 from berth.api.common import (
-    API_VERSION,
     DNS_LABEL,
     LOWER_NAME,
     USER_ENV_NAME,
@@ -16,6 +15,7 @@ from berth.api.common import (
     ApiModel,
     EnvName,
     OpenModel,
+    ResourceObject,
     StatusModel,
     cel,
     validations,
@@ -848,19 +848,11 @@ class InferenceDeploymentStatus(StatusModel):
 # ------------------------------------------------------------------- resource
 
 
-class InferenceDeployment(BaseModel):
+class InferenceDeployment(ResourceObject):
     """Worker pods of an LLM inference engine, with per-node port blocks assigned by
-    Berth.
+    Berth."""
 
-    Parses a raw object as kopf or the API server delivers it: metadata stays a dict,
-    status is optional.
-    """
-
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
-
-    api_version: str = Field(API_VERSION, alias="apiVersion")
     kind: str = "InferenceDeployment"
-    metadata: dict[str, Any] = Field(default_factory=dict)
     spec: InferenceDeploymentSpec
     status: InferenceDeploymentStatus | None = None
 
@@ -870,10 +862,6 @@ class InferenceDeployment(BaseModel):
         if isinstance(name, str) and len(name) > MAX_DEPLOYMENT_NAME:
             raise ValueError(_NAME_MESSAGE)
         return self
-
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("name", ""))
 
     @property
     def namespace(self) -> str:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from berth.allocator.ranges import PortRange
-from berth.api.common import API_VERSION, ApiModel, Port, StatusModel, cel, validations
+from berth.api.common import ApiModel, Port, ResourceObject, StatusModel, cel, validations
 
 #: Ports below this need privileges (and belong to system services).
 PRIVILEGED_END = 1023
 #: Kubernetes' default Service NodePort range.
 NODEPORT_RANGE = PortRange(30000, 32767)
-#: Linux's default ephemeral range (net.ipv4.ip_local_port_range), shared by the
-#: host and every hostNetwork pod: connect() and bind(0) take ports from it.
-EPHEMERAL_RANGE = PortRange(32768, 60999)
+#: Ports others pick at random: Linux's default ephemeral range
+#: (net.ipv4.ip_local_port_range 32768-60999, shared by the host and every
+#: hostNetwork pod: connect() and bind(0) take ports from it), and the range
+#: pyzmq's bind_to_random_port uses (49152-65535; SGLang's DP workers bind there).
+EPHEMERAL_RANGE = PortRange(32768, 65535)
 
 MAX_RANGES = 16
 MAX_RESERVED = 64
@@ -29,9 +31,9 @@ _NODEPORT_MESSAGE = (
     "set allowUnsafeRanges: true to allow it"
 )
 _EPHEMERAL_MESSAGE = (
-    "ranges must not overlap the Linux ephemeral port range 32768-60999 (the kernel "
-    "hands these ports to outgoing connections); set allowUnsafeRanges: true if the "
-    "nodes use a different ip_local_port_range"
+    "ranges must stay below 32768: the Linux ephemeral port range 32768-60999 goes to "
+    "outgoing connections and ZeroMQ's random ports (SGLang) take 49152-65535; set "
+    "allowUnsafeRanges: true if the nodes use a different ip_local_port_range"
 )
 _OVERLAP_MESSAGE = "ranges must not overlap each other"
 _RESERVED_MESSAGE = "every reserved port or range must lie inside one of the ranges"
@@ -172,7 +174,7 @@ class NodePortPoolSpec(ApiModel):
                 field_path=".ranges",
             ),
             cel(
-                "self.allowUnsafeRanges || self.ranges.all(r, r.end < 32768 || r.start > 60999)",
+                "self.allowUnsafeRanges || self.ranges.all(r, r.end < 32768)",
                 _EPHEMERAL_MESSAGE,
                 field_path=".ranges",
             ),
@@ -189,8 +191,9 @@ class NodePortPoolSpec(ApiModel):
     """Nodes this pool covers (label selector). Omitted or empty: every node."""
 
     ranges: Annotated[list[PoolRange], Field(min_length=1, max_length=MAX_RANGES)]
-    """Port ranges to hand out, non-overlapping. Keep them below the node's ephemeral
-    range (default 32768-60999) and away from the NodePort range (30000-32767)."""
+    """Port ranges to hand out, non-overlapping. Keep them below 32768 (the node's
+    ephemeral range, then ZeroMQ's random ports) and away from the NodePort range
+    (30000-32767)."""
 
     reserved: Annotated[list[ReservedPorts] | None, Field(max_length=MAX_RESERVED)] = None
     """Ports or ranges inside ranges that Berth must never hand out (e.g. a node agent's
@@ -201,8 +204,9 @@ class NodePortPoolSpec(ApiModel):
     sorts first)."""
 
     allow_unsafe_ranges: bool = False
-    """Allow ranges below 1024 or overlapping the NodePort (30000-32767) or ephemeral
-    (32768-60999) range, e.g. on nodes whose ip_local_port_range differs."""
+    """Allow ranges below 1024, overlapping the NodePort range (30000-32767) or at
+    32768 and above (ephemeral and random ports), e.g. on nodes whose
+    ip_local_port_range differs."""
 
     @model_validator(mode="after")
     def _check(self) -> NodePortPoolSpec:
@@ -240,21 +244,18 @@ class NodePortPoolStatus(StatusModel):
     used: int | None = None
     """Ports currently allocated from this pool, over all its nodes."""
 
+    ephemeral_overlap: list[str] | None = None
+    """Nodes whose ephemeral port range (net.ipv4.ip_local_port_range, reported by the
+    node agent) overlaps this pool outside net.ipv4.ip_local_reserved_ports: outgoing
+    connections there can take pool ports. Each also gets an EphemeralPortOverlap Event."""
 
-class NodePortPool(BaseModel):
+
+class NodePortPool(ResourceObject):
     """Port ranges Berth hands out on a group of nodes (cluster-scoped).
 
     Nodes no pool selects use the operator's default pool (20000-29999).
     """
 
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
-
-    api_version: str = Field(API_VERSION, alias="apiVersion")
     kind: str = "NodePortPool"
-    metadata: dict[str, Any] = Field(default_factory=dict)
     spec: NodePortPoolSpec
     status: NodePortPoolStatus | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.metadata.get("name", ""))

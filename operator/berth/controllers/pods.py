@@ -31,5 +31,7 @@ async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
     elif pod["spec"].get("nodeName") and not meta.get("deletionTimestamp"):
         await runtime.allocation.ensure_allocated(pod)
         await runtime.allocation.wake_followers(pod)
+    if pod["spec"].get("nodeName"):  # in the background, and rarely a write
+        runtime.capacity.ledger_changed(pod["spec"]["nodeName"])
     # Let the owner recreate, scale and report (coalesced per deployment).
     runtime.refresh(meta["namespace"], meta["labels"][LABEL_DEPLOYMENT])

@@ -179,8 +179,16 @@ class Ledgers:
         return await self._update(node, None, change, None)
 
     async def load_all(self) -> list[NodeLedger]:
-        """Fresh state of every node from the API server (start-up, sweeps)."""
+        """Fresh state of every node from the API server (start-up, sweeps).
+
+        A cached ledger the API server no longer has is dropped: the next
+        change on its node reads it again (missing) and rebuilds it.
+        """
         ledgers = await self._store.list()
+        listed = {ledger.node for ledger in ledgers}
+        for node in [n for n in self._cache if n not in listed]:
+            async with self._lock(node):
+                self._cache.pop(node, None)
         for ledger in ledgers:
             ledger.unverified = True
             async with self._lock(ledger.node):
