@@ -298,6 +298,8 @@ def real_node_sets(cluster: Any, node: str, **extra: str) -> list[str]:
         "image.tag": tag,
         "image.pullPolicy": "Never",
         "hostNetwork": "true",
+        # One real node and host ports: a second replica could not be scheduled.
+        "replicaCount": "1",
         "metrics.port": str(metrics),
         "health.port": str(health),
         "nodeSelector.kubernetes\\.io/hostname": node,
