@@ -37,6 +37,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from testbed import ClusterError, LocalCluster, Toolchain
+from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -209,3 +210,11 @@ def namespace(core_api: k8s.CoreV1Api, request: pytest.FixtureRequest) -> Iterat
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+@pytest.fixture
+def crds(cluster: Cluster) -> None:
+    """Berth's CRDs installed and the operator's namespace there (for tests that
+    run an operator)."""
+    install_crds(cluster)
+    ensure_namespace(cluster, OPERATOR_NAMESPACE)

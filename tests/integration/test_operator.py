@@ -35,7 +35,6 @@ from tests.support.scenarios import (
     custom_deployment,
     ensure_namespace,
     expected_pods,
-    install_crds,
     load_example,
     pods_of,
     run_example_scenario,
@@ -44,12 +43,6 @@ from tests.support.scenarios import (
 from tests.support.watcher import ClusterWatcher
 
 Body = dict[str, Any]
-
-
-@pytest.fixture
-def crds(cluster: Any) -> None:
-    install_crds(cluster)
-    ensure_namespace(cluster, OPERATOR_NAMESPACE)
 
 
 @pytest.fixture

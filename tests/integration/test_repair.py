@@ -26,7 +26,6 @@ from tests.support.scenarios import (
     apply_deployment,
     custom_deployment,
     ensure_namespace,
-    install_crds,
 )
 
 Body = dict[str, Any]
@@ -107,12 +106,6 @@ def ledger_agrees(
         if recorded != blocks:
             return False
     return True
-
-
-@pytest.fixture
-def crds(cluster: Any) -> None:
-    install_crds(cluster)
-    ensure_namespace(cluster, OPERATOR_NAMESPACE)
 
 
 @pytest.fixture
