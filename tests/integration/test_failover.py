@@ -20,17 +20,10 @@ from typing import Any
 import pytest
 from tests.support.failover import Pair, PortsLog, exited_on_its_own
 from tests.support.operator_process import wait_for
-from tests.support.scenarios import OPERATOR_NAMESPACE, ensure_namespace, install_crds
 from tests.support.watcher import ClusterWatcher
 
 BOUND = 15.0  # seconds from the active replica's loss to allocation resuming
 LEASE_DURATION = 8.0  # the operator's default, set explicitly by the harness
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: Any) -> None:
-    install_crds(cluster)
-    ensure_namespace(cluster, OPERATOR_NAMESPACE)
 
 
 @pytest.fixture
