@@ -45,27 +45,30 @@ class SnapshotCache(Generic[K, V]):
 
     An event seen while a LIST is in flight is at least as new as the LIST,
     so the LIST never overwrites (or resurrects) what such an event said.
+    Several LISTs may be in flight at once (the sweep's and a timer's): each
+    keeps its own record of the keys events touched meanwhile.
     """
 
     def __init__(self) -> None:
         self._items: dict[K, V] = {}
-        self._touched: set[K] | None = None
+        self._in_flight: list[set[K]] = []
 
     def observe(self, key: K, value: V | None) -> None:
         """An event: ``None`` means gone (or no longer of interest)."""
-        if self._touched is not None:
-            self._touched.add(key)
+        for touched in self._in_flight:
+            touched.add(key)
         if value is None:
             self._items.pop(key, None)
         else:
             self._items[key] = value
 
     async def resync(self, listing: Callable[[], Awaitable[Mapping[K, V]]]) -> None:
-        self._touched = set()
+        touched: set[K] = set()
+        self._in_flight.append(touched)
         try:
             snapshot = await listing()
         finally:
-            touched, self._touched = self._touched, None
+            self._in_flight.remove(touched)
         for key in set(self._items) - set(snapshot) - touched:
             del self._items[key]
         for key, value in snapshot.items():

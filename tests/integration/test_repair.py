@@ -368,20 +368,27 @@ def test_widening_a_pool_serves_the_waiting_pod_at_once(
     proc = OperatorProcess(
         cluster.kubeconfig, tmp_path / "slow-sweep.log", env={"BERTH_SWEEP_INTERVAL": "600"}
     ).start()
+    # Nine ports fit the pod's nine by count (so the scheduler binds it), but a
+    # reserved port splits them and its 8-port block fits no run: it waits.
     pool = {
         "apiVersion": "berth.dev/v1alpha1",
         "kind": "NodePortPool",
         "metadata": {"name": "narrow"},
         "spec": {
             "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
-            "ranges": [{"start": 27000, "end": 27002}],
+            "ranges": [{"start": 27000, "end": 27009}],
+            "reserved": [{"start": 27002}],
             "priority": 1000,
         },
     }
+    blocks = [
+        {"name": "http", "size": 1, "env": [{"name": "HTTP_PORT"}]},
+        {"name": "side", "size": 8, "env": [{"name": "SIDE_PORT"}]},
+    ]
     try:
         cluster.kubectl("apply", "-f", "-", input=json.dumps(pool))
         time.sleep(1)
-        apply_deployment(cluster, namespace, custom_deployment("wide", 1, node=node))
+        apply_deployment(cluster, namespace, custom_deployment("wide", 1, blocks, node))
         wait_for(
             lambda: any(line["audit"] == "exhausted" for line in audit_lines(proc.log)),
             timeout=60,

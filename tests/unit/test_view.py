@@ -197,3 +197,25 @@ async def test_start_up_fills_every_view_with_one_pass_over_pods() -> None:
     assert cache.workers() == []
     assert client.calls[-1] == ("pods", "app.kubernetes.io/managed-by=berth")
     assert cache.foreign_ports("g1") == [PortRange(21000, 21000)]
+
+
+async def test_two_lists_in_flight_at_once_each_respect_the_events_they_raced() -> None:
+    cache: SnapshotCache[str, int] = SnapshotCache()
+    first_started, release_first = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> dict[str, int]:
+        first_started.set()
+        await release_first.wait()
+        return {"a": 1}
+
+    async def fast() -> dict[str, int]:
+        cache.observe("b", 2)  # an event while both LISTs are in flight
+        return {"a": 1}
+
+    first = asyncio.create_task(cache.resync(slow))
+    await first_started.wait()
+    await cache.resync(fast)
+    release_first.set()
+    await first
+    assert cache.get("b") == 2  # neither LIST, older than the event, dropped it
+    assert cache.get("a") == 1
