@@ -4,7 +4,7 @@
 Prints numbers; asserts nothing (timings belong in a report, not in a test
 that flakes on a busy CI machine). Run:
 
-    ~/.cache/berth/venv/bin/python scripts/bench_allocator.py [--seconds 1.0]
+    python -m scripts.bench_allocator [--seconds 1.0]   (from the repository root)
 
 Steady state: a pool of 12,768 ports (20000-32767) holds N live owners; each
 pair releases a pseudo-randomly chosen owner and allocates a new one, so the
@@ -21,9 +21,6 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from berth.allocator import Allocator, BlockRequest, PortRange
 

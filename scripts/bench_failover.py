@@ -15,8 +15,8 @@ holds the 15 s bound).
   cut    its API connection dropped and refused (a partition)
   term   SIGTERM, a graceful stop (rollout, drain): the Lease is released
 
-  python scripts/bench_failover.py                 # 5 runs of each
-  python scripts/bench_failover.py --runs 2 --how kill pause
+  python -m scripts.bench_failover                 # 5 runs of each
+  python -m scripts.bench_failover --runs 2 --how kill pause
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from kubernetes import config
+from tests.support.failover import LEASE, Pair, exited_on_its_own
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kubernetes import config  # noqa: E402
-from tests.support.failover import LEASE, Pair, exited_on_its_own  # noqa: E402
-
 NAMESPACE = "bench-failover"
 HOWS = ("kill", "pause", "cut", "term")
 

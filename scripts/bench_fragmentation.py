@@ -14,7 +14,7 @@ berth.capacity advertises (stranded free runs subtracted, written at once
 only when the node is tight, else at the next sweep), and prints the
 failure rate, the mean fill by count, and the node status writes made
 outside sweeps per allocation.
-Pure CPU, no cluster: ``python scripts/bench_fragmentation.py`` (about a
+Pure CPU, no cluster: ``python -m scripts.bench_fragmentation`` (about a
 minute; ``--events`` trades time for precision).
 """
 
@@ -26,9 +26,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
 from berth.allocator import Allocator, BlockRequest, PoolExhausted
 from berth.allocator.ranges import PortRange
