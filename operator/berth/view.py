@@ -12,7 +12,7 @@ that wakes every waiting worker for every object listed, which is quadratic
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
@@ -47,20 +47,23 @@ class SnapshotCache(Generic[K, V]):
     so the LIST never overwrites (or resurrects) what such an event said.
     Several LISTs may be in flight at once (the sweep's and a timer's): each
     keeps its own record of the keys events touched meanwhile.
+
+    Named indexes (``node=node_of``) keep the objects grouped by what the
+    hot path asks for, so no lookup scans the whole cluster; an object whose
+    index value is None is left out of that index.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **indexes: Callable[[V], Hashable | None]) -> None:
         self._items: dict[K, V] = {}
         self._in_flight: list[set[K]] = []
+        self._index_of = indexes
+        self._indexes: dict[str, dict[Hashable, dict[K, V]]] = {name: {} for name in indexes}
 
     def observe(self, key: K, value: V | None) -> None:
         """An event: ``None`` means gone (or no longer of interest)."""
         for touched in self._in_flight:
             touched.add(key)
-        if value is None:
-            self._items.pop(key, None)
-        else:
-            self._items[key] = value
+        self._put(key, value)
 
     async def resync(self, listing: Callable[[], Awaitable[Mapping[K, V]]]) -> None:
         touched: set[K] = set()
@@ -70,14 +73,17 @@ class SnapshotCache(Generic[K, V]):
         finally:
             self._in_flight.remove(touched)
         for key in set(self._items) - set(snapshot) - touched:
-            del self._items[key]
+            self._put(key, None)
         for key, value in snapshot.items():
             if key not in touched:
-                self._items[key] = value
+                self._put(key, value)
 
     def replace(self, items: Mapping[K, V]) -> None:
         """Take a LIST as it is, when no event can have raced with it."""
-        self._items = dict(items)
+        self._items = {}
+        self._indexes = {name: {} for name in self._index_of}
+        for key, value in items.items():
+            self._put(key, value)
 
     def get(self, key: K) -> V | None:
         return self._items.get(key)
@@ -88,10 +94,38 @@ class SnapshotCache(Generic[K, V]):
     def values(self) -> Iterator[V]:
         return iter(list(self._items.values()))
 
+    def select(self, index: str, value: Hashable) -> list[V]:
+        """The objects whose ``index`` is ``value``."""
+        return list(self._indexes[index].get(value, {}).values())
+
+    def _put(self, key: K, value: V | None) -> None:
+        before = self._items.pop(key, None)
+        if value is not None:
+            self._items[key] = value
+        for name, index_of in self._index_of.items():
+            index = self._indexes[name]
+            if before is not None and (old := index_of(before)) is not None:
+                group = index[old]
+                del group[key]
+                if not group:
+                    del index[old]
+            if value is not None and (new := index_of(value)) is not None:
+                index.setdefault(new, {})[key] = value
+
 
 def node_entry(body: Body) -> tuple[str, dict[str, str]]:
     meta = body["metadata"]
     return meta["uid"], dict(meta.get("labels") or {})
+
+
+def deployment_of(pod: Body) -> tuple[str, str]:
+    meta = pod["metadata"]
+    return meta["namespace"], meta["labels"][LABEL_DEPLOYMENT]
+
+
+def name_of(pod: Body) -> tuple[str, str]:
+    meta = pod["metadata"]
+    return meta["namespace"], meta["name"]
 
 
 def pool_entry(body: Body) -> NodePortPool | None:
@@ -109,8 +143,12 @@ class ClusterView:
         self._default = config.default_pool
         self._nodes: SnapshotCache[str, tuple[str, dict[str, str]]] = SnapshotCache()
         self._pools: SnapshotCache[str, NodePortPool] = SnapshotCache()
-        self._foreign: SnapshotCache[str, ForeignClaim] = SnapshotCache()
-        self._workers: SnapshotCache[str, dict[str, Any]] = SnapshotCache()
+        self._foreign: SnapshotCache[str, ForeignClaim] = SnapshotCache(
+            node=lambda claim: claim.node
+        )
+        self._workers: SnapshotCache[str, dict[str, Any]] = SnapshotCache(
+            node=node_of, deployment=deployment_of, name=name_of
+        )
         self._namespace = config.namespace
         #: What each node's agent reported (node_reports.py), by node name.
         self._reports: SnapshotCache[str, NodeReport] = SnapshotCache()
@@ -200,13 +238,11 @@ class ClusterView:
         return self._workers.get(uid)
 
     def workers(self, namespace: str | None = None, deployment: str | None = None) -> list[Body]:
-        """Berth's worker pods (summaries), optionally of one deployment."""
-        return [
-            pod
-            for pod in self._workers.values()
-            if namespace in (None, pod["metadata"]["namespace"])
-            and deployment in (None, pod["metadata"]["labels"][LABEL_DEPLOYMENT])
-        ]
+        """Berth's worker pods (summaries): every one, or one deployment's."""
+        if namespace is None or deployment is None:
+            assert namespace is None and deployment is None, "a deployment has a namespace"
+            return list(self._workers.values())
+        return self._workers.select("deployment", (namespace, deployment))
 
     def node_labels(self, node: str) -> dict[str, str]:
         entry = self._nodes.get(node)
@@ -239,16 +275,13 @@ class ClusterView:
 
     def foreign_claims(self, node: str | None = None) -> list[ForeignClaim]:
         """Host ports other pods claim on ``node`` (every node: None)."""
-        return [claim for claim in self._foreign.values() if node in (None, claim.node)]
+        return list(self._foreign.values()) if node is None else self._foreign.select("node", node)
 
     def worker_named(self, namespace: str, name: str) -> Body | None:
-        """One of Berth's pods by name (a scan: only DP group leaders are looked up)."""
-        for pod in self._workers.values():
-            meta = pod["metadata"]
-            if meta["name"] == name and meta["namespace"] == namespace:
-                return pod
-        return None
+        """One of Berth's pods by name (DP group leaders are looked up so)."""
+        found = self._workers.select("name", (namespace, name))
+        return found[0] if found else None
 
     def live_on(self, node: str) -> list[Body]:
         """Berth's pods bound to ``node`` that are not finished (summaries)."""
-        return [p for p in self._workers.values() if node_of(p) == node and not is_terminated(p)]
+        return [p for p in self._workers.select("node", node) if not is_terminated(p)]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from berth.allocator.ranges import PortRange
 from berth.config import OperatorConfig
 from berth.pods import foreign_claim
@@ -219,3 +222,40 @@ async def test_two_lists_in_flight_at_once_each_respect_the_events_they_raced() 
     await first
     assert cache.get("b") == 2  # neither LIST, older than the event, dropped it
     assert cache.get("a") == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["observe", "resync", "replace"]),
+            st.dictionaries(
+                st.sampled_from("abcdef"), st.none() | st.sampled_from(["n1", "n2", "n3"])
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_indexes_agree_with_a_scan_after_any_events_and_lists(
+    steps: list[tuple[str, dict[str, str | None]]],
+) -> None:
+    """What select() returns is what scanning every object would find."""
+    cache: SnapshotCache[str, tuple[str, str | None]] = SnapshotCache(node=lambda v: v[1])
+
+    async def listing(items: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+        cache.observe("a", ("a", "n1"))  # an event racing with the LIST
+        return items
+
+    for action, changes in steps:
+        items = {key: (key, node) for key, node in changes.items()}
+        if action == "observe":
+            for key, value in items.items():
+                cache.observe(key, value if value[1] != "n3" else None)
+        elif action == "resync":
+            asyncio.run(cache.resync(lambda items=items: listing(items)))  # type: ignore[misc]
+        else:
+            cache.replace(items)
+        for node in ("n1", "n2", "n3", None):
+            scanned = sorted(v for v in cache.values() if v[1] == node)
+            selected = sorted(cache.select("node", node)) if node else scanned
+            assert selected == scanned
