@@ -39,6 +39,9 @@ from berth.pools import Pool
 
 Body = dict[str, Any]
 log = logging.getLogger("berth.allocation")
+#: Seconds before trying a pod again after a transient failure (an API
+#: error, a busy ledger), one step further after each failure in a row.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class NodeView(Protocol):
@@ -78,6 +81,9 @@ class AllocationService:
     #: node -> uid -> what this process delivered there, until the pod's own
     #: event shows it (and so that events queued before our patch cost no writes).
     _delivered: dict[str, dict[str, Held]] = field(default_factory=dict)
+    #: uid -> the timer that tries again after a transient failure
+    _retries: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _failures: dict[str, int] = field(default_factory=dict)
 
     def waiting_reasons(self, namespace: str, deployment: str) -> list[str]:
         return [
@@ -111,8 +117,15 @@ class AllocationService:
             return await self._ensure_allocated(pod, node)
         except (LedgerBusy, KubeError, aiohttp.ClientError, TimeoutError) as error:
             # Transient: the next sweep (or a release on its node) retries it.
-            log.warning("ports for %s/%s deferred: %s", meta["namespace"], meta["name"], error)
-            self._waiting[meta["uid"]] = Waiting(node, pod, f"retrying after: {error}")
+            delay = self._retry_later(pod)
+            log.warning(
+                "ports for %s/%s deferred %.1f s: %s",
+                meta["namespace"],
+                meta["name"],
+                delay,
+                f"{type(error).__name__}: {error}",
+            )
+            self._waiting[meta["uid"]] = Waiting(node, pod, f"retrying after: {error!r}")
         except NameTaken as error:
             self._wait(pod, node, "NameTaken", str(error))
         return None
@@ -191,6 +204,7 @@ class AllocationService:
             self._wait(pod, node, "PortsExhausted", f"node {node}, pool {pool.name}: {error}")
             return None
         self.report_repair(node, allocation.repair)
+        self._failures.pop(holder.uid, None)
         if self._waiting.pop(holder.uid, None) is not None:
             self.on_change(holder.namespace, holder.deployment)
         if allocation.fresh:
@@ -204,6 +218,28 @@ class AllocationService:
             )
             metrics.ALLOCATIONS.inc()
         return allocation
+
+    def _retry_later(self, pod: Mapping[str, Any]) -> float:
+        """Try the pod again soon after a transient failure, backing off."""
+        uid = pod["metadata"]["uid"]
+        failures = self._failures[uid] = self._failures.get(uid, 0) + 1
+        delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1]
+        if (earlier := self._retries.pop(uid, None)) is not None:
+            earlier.cancel()
+        self._retries[uid] = asyncio.create_task(self._retry(uid, delay))
+        return delay
+
+    async def _retry(self, uid: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        del self._retries[uid]
+        entry = self._waiting.get(uid)
+        if entry is not None:
+            await self.ensure_allocated(entry.pod)
+
+    def _stop_retrying(self, uid: str) -> None:
+        self._failures.pop(uid, None)
+        if (timer := self._retries.pop(uid, None)) is not None:
+            timer.cancel()
 
     def observed(self, pod: Mapping[str, Any]) -> None:
         """The pod's own event arrived: the view now knows what it was delivered."""
@@ -250,6 +286,7 @@ class AllocationService:
         holder = holder_of(pod)
         self._waiting.pop(holder.uid, None)
         self._followers.pop(holder.uid, None)
+        self._stop_retrying(holder.uid)
         node = pod.get("spec", {}).get("nodeName")
         if not node:
             return

@@ -95,6 +95,11 @@ class KubeApi(Protocol):
     async def close(self) -> None: ...
 
 
+#: Requests in flight at once: the API server's latency, not Berth's CPU,
+#: bounds allocation throughput, so several run at a time.
+CONNECTIONS = 64
+
+
 class Kube:
     """One aiohttp session against one API server."""
 
@@ -108,8 +113,11 @@ class Kube:
             context.verify_mode = ssl.CERT_NONE
         self._session = aiohttp.ClientSession(
             base_url=configuration.host,
-            connector=aiohttp.TCPConnector(ssl=context, limit=32),
-            timeout=aiohttp.ClientTimeout(total=30),
+            connector=aiohttp.TCPConnector(ssl=context, limit=CONNECTIONS),
+            # No deadline on the wait for a free connection: under a burst,
+            # requests queue there, and failing them would only retry them.
+            # A server that stops answering is caught on the socket.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30),
         )
 
     @classmethod

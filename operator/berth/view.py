@@ -146,7 +146,7 @@ class ClusterView:
         self._foreign: SnapshotCache[str, ForeignClaim] = SnapshotCache(
             node=lambda claim: claim.node
         )
-        self._workers: SnapshotCache[str, dict[str, Any]] = SnapshotCache(
+        self._workers: SnapshotCache[str, Body] = SnapshotCache(
             node=node_of, deployment=deployment_of, name=name_of
         )
         self._namespace = config.namespace

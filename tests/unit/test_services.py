@@ -488,3 +488,42 @@ async def test_reconcile_drops_the_configmap_a_gone_pod_of_that_name_left() -> N
     assert kube.at(f"{CONFIGMAPS}/web-worker-0-ports") is None  # could start the new pod
     assert kube.at(f"{PODS}/web-worker-0") is not None
     assert kube.at(f"{CONFIGMAPS}/web-worker-1-ports") is not None  # its pod lives
+
+
+async def test_a_transient_api_failure_is_retried_soon_without_another_event() -> None:
+    bed = Bed.make()
+    create = bed.kube.create
+    failed: list[str] = []
+
+    async def flaky_create(url: str, body: Body) -> Body:
+        if not failed:  # the first write (the ledger's) times out once
+            failed.append(url)
+            raise TimeoutError
+        return await create(url, body)
+
+    bed.kube.create = flaky_create  # type: ignore[method-assign]
+    assert await bed.allocation.ensure_allocated(bed.pod("web-d-0")) is None
+    assert bed.allocation.waiting_reasons("ns", "web")
+    await asyncio.sleep(0.7)  # the first retry comes after 0.5 s
+    assert failed and delivered(bed.current("web-d-0"))["http"] == PortRange(20000, 20000)
+    assert not bed.allocation.waiting_reasons("ns", "web")
+
+
+async def test_a_sweep_keeps_a_ledger_written_while_it_listed() -> None:
+    bed = Bed.make()
+    await bed.deliver("web-d-0")
+    ledgers = bed.allocation.ledgers
+    list_ = bed.kube.list
+
+    async def slow_list(url: str, label_selector: str | None = None) -> list[Body]:
+        listed = await list_(url, label_selector)
+        await bed.deliver("web-d-1")  # written after the LIST's snapshot was taken
+        return listed
+
+    bed.kube.list = slow_list  # type: ignore[method-assign]
+    before = metrics.LEDGER_CONFLICTS._value.get()
+    await ledgers.load_all()
+    bed.kube.list = list_  # type: ignore[method-assign]
+    await bed.deliver("web-d-2")
+    assert metrics.LEDGER_CONFLICTS._value.get() == before  # no stale copy was written over
+    assert_disjoint({n: delivered(bed.current(n)) for n in ("web-d-0", "web-d-1", "web-d-2")})

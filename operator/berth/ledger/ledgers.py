@@ -86,6 +86,8 @@ class Ledgers:
         self._cache: dict[str, NodeLedger] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._queues: dict[str, list[_Pending]] = {}
+        #: node -> how many times this process wrote its ledger
+        self._saves: dict[str, int] = {}
 
     def reference(self, node: str) -> dict[str, Any]:
         """The node's ledger ConfigMap, as much of it as an Event needs."""
@@ -184,16 +186,21 @@ class Ledgers:
         A cached ledger the API server no longer has is dropped: the next
         change on its node reads it again (missing) and rebuilds it.
         """
+        saves = dict(self._saves)
         ledgers = await self._store.list()
-        listed = {ledger.node for ledger in ledgers}
-        for node in [n for n in self._cache if n not in listed]:
+        listed = {ledger.node: ledger for ledger in ledgers}
+        for node in set(self._cache) | set(listed):
             async with self._lock(node):
-                self._cache.pop(node, None)
-        for ledger in ledgers:
-            ledger.unverified = True
-            async with self._lock(ledger.node):
-                self._cache[ledger.node] = ledger
-        return ledgers
+                if node in self._cache and self._saves.get(node) != saves.get(node):
+                    # Written by us after the LIST began: the cache is newer,
+                    # and taking the listed copy would only cost a conflict.
+                    self._cache[node].unverified = True
+                elif node in listed:
+                    listed[node].unverified = True
+                    self._cache[node] = listed[node]
+                else:
+                    self._cache.pop(node, None)
+        return list(self._cache.values())
 
     def _lock(self, node: str) -> asyncio.Lock:
         return self._locks.setdefault(node, asyncio.Lock())
@@ -238,6 +245,7 @@ class Ledgers:
                 try:
                     if dirty:
                         await self._store.save(ledger, node_uid)
+                        self._saves[node] = self._saves.get(node, 0) + 1
                 except LedgerConflict:
                     metrics.LEDGER_CONFLICTS.inc()
                     self._cache.pop(node, None)  # re-read and recompute every change
