@@ -219,7 +219,7 @@ class Cost:
         self.cpu = cpu_seconds(self.operator.proc.pid)
         self.wall = time.monotonic()
 
-    def report(self, pods: int) -> None:
+    def report(self, pods: int) -> dict[str, float]:
         now = Cost(self.operator)
         allocations = now.metrics.get("berth_allocations_total", 0) - self.metrics.get(
             "berth_allocations_total", 0
@@ -249,6 +249,7 @@ class Cost:
             f"= {(now.cpu - self.cpu) / wall:.2f} of one core; peak RSS "
             f"{self.operator.peak_rss_mb():.0f} MB"
         )
+        return {"writes": sum(writes.values()) / per, "rss": self.operator.peak_rss_mb()}
 
 
 # --- the full path: InferenceDeployments scaled up -----------------------------------
@@ -369,16 +370,19 @@ def bare_pod(name: str, node: str) -> dict[str, Any]:
 
 def create_pods(
     names: list[str], nodes: list[str], workers: int, pace: float
-) -> tuple[dict[str, float], int]:
-    """Create bound pods on a schedule; name -> when its create call started, and failures."""
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """Create bound pods on a schedule; name -> when its create call started and
+    when it returned, and how many failed."""
     core = client.CoreV1Api()
     started: dict[str, float] = {}
+    returned: dict[str, float] = {}
 
     def one(i: int) -> None:
         started[names[i]] = time.monotonic()
         body = bare_pod(names[i], nodes[i % len(nodes)])
         # Raw response: deserialising it would cost this process time the watches need.
         core.create_namespaced_pod(NAMESPACE, body, _preload_content=False)  # type: ignore[arg-type]
+        returned[names[i]] = time.monotonic()
 
     begin = time.monotonic()
     futures: list[Future[None]] = []
@@ -388,13 +392,16 @@ def create_pods(
             time.sleep(max(0.0, begin + i * pace - time.monotonic()))
             futures.append(pool.submit(one, i))
     failed = sum(f.exception() is not None for f in futures)
-    return started, failed
+    return started, returned, failed
 
 
-def run_micro(bench: Bench, title: str, names: list[str], workers: int, pace: float) -> None:
+def run_micro(
+    bench: Bench, title: str, names: list[str], workers: int, pace: float
+) -> dict[str, float]:
+    """Returns the figures the targets are judged by (see ``judge``)."""
     clock = bench.clock
     cost = Cost(bench.operator)
-    started, failed = create_pods(names, bench.nodes, workers, pace)
+    started, returned, failed = create_pods(names, bench.nodes, workers, pace)
     ok = [n for n in names if n in started]
     try:
         wait_for(
@@ -408,6 +415,8 @@ def run_micro(bench: Bench, title: str, names: list[str], workers: int, pace: fl
     # Here "bound" is the create call's start: the pod is bound from its first revision.
     print(spread("create call -> ConfigMap written", latencies(ok, started, clock.configmap)))
     print(spread("create call -> annotation written", latencies(ok, started, clock.annotated)))
+    raw = latencies(ok, started, returned)
+    print(spread("create call -> its response (raw API reference)", raw))
     print(
         spread(
             "create call -> first watch event (reference)", latencies(ok, started, clock.created)
@@ -415,8 +424,24 @@ def run_micro(bench: Bench, title: str, names: list[str], workers: int, pace: fl
     )
     rate = len(ok) / max(last - first, 1e-9)
     print(f"  first create -> last annotation: {last - first:.2f} s ({rate:.0f} pods/s)")
+    created = max(returned.values(), default=first) - first
+    last_cm = max((clock.configmap[n] for n in ok if n in clock.configmap), default=first)
+    print(
+        f"  first create -> last create returned: {created:.2f} s; "
+        f"-> last ConfigMap: {last_cm - first:.2f} s"
+    )
     print(f"  failed creates: {failed}")
-    cost.report(len(ok))
+    configmap = latencies(ok, started, clock.configmap)
+    figures = cost.report(len(ok))
+    return {
+        **figures,
+        "p50": pct(configmap, 50) if configmap else float("inf"),
+        "p99": pct(configmap, 99) if configmap else float("inf"),
+        "raw p50": pct(raw, 50) if raw else 0.0,
+        "raw p99": pct(raw, 99) if raw else 0.0,
+        "created": created,
+        "served": last_cm - first,
+    }
 
 
 # --- resync -------------------------------------------------------------------------
@@ -429,7 +454,7 @@ def resynced(operator: OperatorProcess, total: int) -> bool:
     )
 
 
-def run_resync(operator: OperatorProcess, total: int, nodes: int) -> None:
+def run_resync(operator: OperatorProcess, total: int, nodes: int) -> dict[str, float]:
     operator.kill()
     started = time.monotonic()
     operator.start()
@@ -441,7 +466,31 @@ def run_resync(operator: OperatorProcess, total: int, nodes: int) -> None:
     print(f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s")
     sweep = m["berth_startup_sweep_seconds"]
     print(f"  start-up sweep finished at {sweep:.2f} s; writes {writes:.0f}")
+    time.sleep(10)  # what the heap settles at, not only the resync's peak
     print(f"  operator peak RSS after resync: {operator.peak_rss_mb():.0f} MB")
+    return {"resync": elapsed, "rss": operator.peak_rss_mb()}
+
+
+def judge(steady: dict[str, float], burst: dict[str, float], resync: dict[str, float]) -> None:
+    """The targets of the 10,000-pod run, each as measured / its reference in this run."""
+    rows = [
+        ("steady: bound -> ConfigMap p50 / raw create p50", steady["p50"] / steady["raw p50"], 3),
+        ("steady: bound -> ConfigMap p99 / raw create p99", steady["p99"] / steady["raw p99"], 3),
+        (
+            "burst: first create -> last ConfigMap / creating it",
+            burst["served"] / burst["created"],
+            1.5,
+        ),
+        ("peak RSS during the run (MB)", max(steady["rss"], burst["rss"]), 200),
+        ("peak RSS after the restart (MB)", resync["rss"], 200),
+        ("resync (s)", resync["resync"], 10),
+        ("API writes per allocation (steady)", steady["writes"], 3),
+    ]
+    print("\n== targets")
+    print(f"  {'figure':<52} {'measured':>9} {'target':>7}")
+    for name, value, target in rows:
+        mark = "ok" if value <= target else "MISSED"
+        print(f"  {name:<52} {value:>9.2f} {'<= ' + format(target, 'g'):>7}  {mark}")
 
 
 # --- main ---------------------------------------------------------------------------
@@ -513,10 +562,12 @@ def main() -> None:
         print(f"\n(packed: {per_node} pods per node on {len(packed)} nodes)")
         run_deployments(bench, "deployments/packed", packed_names, pins)
         steady = [f"steady-{i}" for i in range(args.pods)]
-        run_micro(bench, f"steady {args.rate:g} pods/s", steady, 8, 1 / args.rate)
-        run_micro(bench, "burst", [f"burst-{i}" for i in range(args.burst)], 16, 0)
+        steady_figures = run_micro(bench, f"steady {args.rate:g} pods/s", steady, 8, 1 / args.rate)
+        burst = [f"burst-{i}" for i in range(args.burst)]
+        burst_figures = run_micro(bench, "burst", burst, 16, 0)
         deployed = (args.deployments + args.packed_deployments) * args.replicas
-        run_resync(operator, deployed + args.pods + args.burst, len(nodes))
+        resync = run_resync(operator, deployed + args.pods + args.burst, len(nodes))
+        judge(steady_figures, burst_figures, resync)
         if clock.relists or clock.errors:
             print(f"\n! watch re-lists {clock.relists} (stamps after one may be late)")
             print(f"! watch errors: {clock.errors}")
