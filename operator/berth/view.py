@@ -150,6 +150,8 @@ class ClusterView:
             node=node_of, deployment=deployment_of, name=name_of
         )
         self._namespace = config.namespace
+        #: uid -> resourceVersion of Berth's pods as the start-up LIST saw them
+        self._listed_at_start: dict[str, str] = {}
         #: What each node's agent reported (node_reports.py), by node name.
         self._reports: SnapshotCache[str, NodeReport] = SnapshotCache()
 
@@ -176,6 +178,13 @@ class ClusterView:
         before = self._foreign.get(uid)
         self._foreign.observe(uid, claim)
         return claim.node if claim is not None and claim != before else None
+
+    def replayed(self, pod: Body) -> bool:
+        """The revision of one of Berth's pods that the start-up LIST saw: kopf
+        replays every pod when its watch starts, and start-up handled these."""
+        meta = pod["metadata"]
+        listed = self._listed_at_start.pop(meta["uid"], None)
+        return listed is not None and listed == meta.get("resourceVersion")
 
     async def resync(self, client: KubeApi, *, everything: bool = False) -> None:
         """Re-list nodes, pools and Berth's pods; with ``everything`` (at
@@ -213,6 +222,11 @@ class ClusterView:
                 others[uid] = claim
         self._workers.replace(mine)
         self._foreign.replace(others)
+        self._listed_at_start = {
+            uid: pod["metadata"]["resourceVersion"]
+            for uid, pod in mine.items()
+            if "resourceVersion" in pod["metadata"]
+        }
 
     async def resync_reports(self, client: KubeApi) -> set[str]:
         """Re-list the node agents' reports; returns the nodes whose report changed."""

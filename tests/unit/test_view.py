@@ -259,3 +259,17 @@ def test_indexes_agree_with_a_scan_after_any_events_and_lists(
             scanned = sorted(v for v in cache.values() if v[1] == node)
             selected = sorted(cache.select("node", node)) if node else scanned
             assert selected == scanned
+
+
+async def test_kopfs_replay_of_the_start_up_list_is_recognised_once() -> None:
+    labels = {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "llama"}
+    listed = [pod(uid, "g1", labels=labels) for uid in ("w1", "w2")]
+    for body in listed:
+        body["metadata"]["resourceVersion"] = "7"
+    client = Listing(nodes=[node("g1", {})], nodeportpools=[], pods=listed, configmaps=[])
+    view = ClusterView(OperatorConfig())
+    await view.resync(client, everything=True)  # type: ignore[arg-type]
+    assert view.replayed(listed[0])
+    assert not view.replayed(listed[0])  # only the replay itself, once
+    newer = {**listed[1], "metadata": {**listed[1]["metadata"], "resourceVersion": "8"}}
+    assert not view.replayed(newer) and not view.replayed(listed[1])

@@ -12,7 +12,7 @@ import kopf
 
 from berth import metrics
 from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
-from berth.pods import is_terminated
+from berth.pods import awaits_ports, is_terminated
 from berth.runtime import Runtime
 
 
@@ -22,6 +22,8 @@ async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
     metrics.POD_EVENTS.inc()
     pod = dict(body)
     meta = pod["metadata"]
+    if runtime.view.replayed(pod) and type != "DELETED" and not awaits_ports(pod):
+        return  # start-up's LIST and repair saw this revision: nothing to do
     runtime.view.observe_pod(type, pod)
     runtime.allocation.observed(pod)
     if type == "DELETED":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
 
+from berth.api import InferenceDeployment
 from berth.config import OperatorConfig
 from berth.kube import Kube, KubeApi
 from berth.leadership import FencedKube, Leadership
@@ -14,6 +16,23 @@ from berth.names import FINALIZER, GROUP
 from berth.runtime import Runtime
 
 log = logging.getLogger("berth.startup")
+KIND: str = InferenceDeployment.model_fields["kind"].default
+
+
+class DeploymentsDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a diff base (a deep copy of the body) for every event of
+    every kind; only InferenceDeployments have handlers that read one, so
+    other kinds' events skip it (it was 8 % of the CPU with 10,000 pods)."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None
+    ) -> kopf.BodyEssence:
+        if body.get("kind") != KIND:
+            return {}
+        return super().build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return super().fetch(body=body) if body.get("kind") == KIND else None
 
 
 @kopf.on.login()
@@ -28,7 +47,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # Our own prefix for kopf's bookkeeping on InferenceDeployments, never kopf's.
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = DeploymentsDiffBase(
         prefix=GROUP, key="last-handled-configuration"
     )
     # Events only for warnings from kopf itself; Berth posts its own Events.
