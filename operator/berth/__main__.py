@@ -6,7 +6,18 @@ watching the Lease. Only once it holds the Lease does kopf start, so no
 handler runs and no port is handed out before then (berth.leadership).
 """
 
+# ruff: noqa: E402  (the client libraries are hidden before kopf is imported)
 from __future__ import annotations
+
+import sys
+
+# kopf imports the generated Kubernetes clients whenever they are installed,
+# only to recognise their model objects, which Berth never hands it: in this
+# process they would hold some 40 MB. berth.credentials brings them back in
+# the one case that needs them.
+for _library in ("kubernetes", "kubernetes_asyncio"):
+    if _library not in sys.modules:  # None there makes `import` raise ImportError
+        sys.modules[_library] = None  # type: ignore[assignment]
 
 import argparse
 import asyncio

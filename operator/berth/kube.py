@@ -3,24 +3,22 @@
 Berth speaks plain dicts everywhere (kopf hands us dicts too), so it skips the
 generated model classes: their (de)serialisation costs more than the HTTP
 round trip on the allocation hot path. Credentials come from
-``kubernetes_asyncio``'s loaders (in-cluster or kubeconfig), including its
-token refresh.
+``berth.credentials`` (the service account or the kubeconfig).
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client import Configuration
+import kopf
 from pydantic_core import from_json
 
 from berth import metrics
+from berth.credentials import Token, connection_info
 
 Body = dict[str, Any]
 
@@ -104,17 +102,11 @@ CONNECTIONS = 64
 class Kube:
     """One aiohttp session against one API server."""
 
-    def __init__(self, configuration: Configuration) -> None:
-        self._config = configuration
-        context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-        if configuration.cert_file:
-            context.load_cert_chain(configuration.cert_file, keyfile=configuration.key_file)
-        if not configuration.verify_ssl:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+    def __init__(self, info: kopf.ConnectionInfo) -> None:
+        self._token = Token(info)
         self._session = aiohttp.ClientSession(
-            base_url=configuration.host,
-            connector=aiohttp.TCPConnector(ssl=context, limit=CONNECTIONS),
+            base_url=info.server,
+            connector=aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=CONNECTIONS),
             # No deadline on the wait for a free connection: under a burst,
             # requests queue there, and failing them would only retry them.
             # A server that stops answering is caught on the socket.
@@ -124,11 +116,7 @@ class Kube:
     @classmethod
     async def connect(cls) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig."""
-        try:
-            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except k8s_config.ConfigException:
-            await k8s_config.load_kube_config()
-        return cls(Configuration.get_default_copy())
+        return cls(await connection_info())
 
     async def close(self) -> None:
         await self._session.close()
@@ -143,10 +131,11 @@ class Kube:
         content_type: str = "application/json",
     ) -> Body:
         metrics.API_REQUESTS.labels(method, resource_of(url)).inc()
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        token = await self._config.get_api_key_with_prefix("BearerToken")
-        if token:
-            headers["Authorization"] = token
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": content_type,
+            **self._token.headers(),
+        }
         data = None if body is None else json.dumps(body, separators=(",", ":"))
         async with self._session.request(
             method, url, data=data, params=params, headers=headers

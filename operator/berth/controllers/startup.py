@@ -10,6 +10,7 @@ import kopf
 
 from berth.api import InferenceDeployment
 from berth.config import OperatorConfig
+from berth.credentials import connection_info
 from berth.kube import Kube, KubeApi
 from berth.leadership import FencedKube, Leadership
 from berth.names import FINALIZER, GROUP
@@ -36,9 +37,9 @@ class DeploymentsDiffBase(kopf.AnnotationsDiffBaseStorage):
 
 
 @kopf.on.login()
-async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+async def login(**_: Any) -> kopf.ConnectionInfo:
     # The same credentials as our own client: in-cluster, else kubeconfig.
-    return await kopf.login_via_async_client(**kwargs)
+    return await connection_info()
 
 
 @kopf.on.startup()
