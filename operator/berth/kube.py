@@ -44,6 +44,11 @@ class KubeError(Exception):
         return self.status == 404 or (self.status == 403 and "being terminated" in self.message)
 
     @property
+    def expired(self) -> bool:
+        """410: a watch's or a LIST's resourceVersion is too old to resume from."""
+        return self.status == 410
+
+    @property
     def conflict(self) -> bool:
         """409: a stale resourceVersion or a name already taken."""
         return self.status == 409
@@ -80,13 +85,20 @@ def resource_of(url: str) -> str:
     return "/".join(rest[:1] + rest[2:3])
 
 
+#: Where a LIST puts its resourceVersion (``list`` names a method in the classes).
+Versions = list[str]
+
+
 class KubeApi(Protocol):
     """The calls Berth's services make; :class:`Kube` speaks them to an API server,
     the unit tests' fake keeps objects in a dict."""
 
     async def get_or_none(self, url: str) -> Body | None: ...
     async def list(self, url: str, label_selector: str | None = None) -> list[Body]: ...
-    def iterate(self, url: str, label_selector: str | None = None) -> AsyncIterator[Body]: ...
+    def iterate(
+        self, url: str, label_selector: str | None = None, *, versions: Versions | None = None
+    ) -> AsyncIterator[Body]: ...
+    def watch(self, url: str, resource_version: str) -> AsyncIterator[Body]: ...
     async def create(self, url: str, body: Body) -> Body: ...
     async def replace(self, url: str, body: Body) -> Body: ...
     async def merge_patch(self, url: str, patch: Body) -> Body: ...
@@ -94,6 +106,8 @@ class KubeApi(Protocol):
     async def close(self) -> None: ...
 
 
+#: Seconds a watch request lasts before the server ends it (and it is renewed).
+WATCH_SECONDS = 300
 #: Requests in flight at once: the API server's latency, not Berth's CPU,
 #: bounds allocation throughput, so several run at a time.
 CONNECTIONS = 64
@@ -168,20 +182,59 @@ class Kube:
         """Every item of a collection, following continue tokens."""
         return [item async for item in self.iterate(url, label_selector)]
 
-    async def iterate(self, url: str, label_selector: str | None = None) -> AsyncIterator[Body]:
+    async def iterate(
+        self, url: str, label_selector: str | None = None, *, versions: Versions | None = None
+    ) -> AsyncIterator[Body]:
         """Every item of a collection, a page at a time: parsing a page of 250
-        pods holds the event loop some 40 ms."""
+        pods holds the event loop some 40 ms. ``versions`` gets the LIST's
+        resourceVersion, where a watch can take over."""
         params: dict[str, str] = {"limit": "250"}
         if label_selector:
             params["labelSelector"] = label_selector
         while True:
             page = await self.get(url, params)
+            if versions is not None and "continue" not in params:
+                versions.append(page["metadata"]["resourceVersion"])
             for item in page.get("items", []):
                 yield item
             token = page.get("metadata", {}).get("continue")
             if not token:
                 return
             params["continue"] = token
+
+    async def watch(self, url: str, resource_version: str) -> AsyncIterator[Body]:
+        """Watch events after ``resource_version`` (bookmarks included) until the
+        server ends the stream; an ERROR event (410: too old) raises KubeError."""
+        metrics.API_REQUESTS.labels("WATCH", resource_of(url)).inc()
+        params = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        headers = {"Accept": "application/json", **self._token.headers()}
+        # Quiet streams are normal: the server sends a bookmark about once a minute.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=WATCH_SECONDS + 30)
+        async with self._session.get(
+            url, params=params, headers=headers, timeout=timeout
+        ) as response:
+            if response.status >= 400:
+                raise KubeError(response.status, response.reason or "", await response.text())
+            pending = b""
+            async for chunk in response.content.iter_any():
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event: Body = from_json(line)
+                    if event["type"] == "ERROR":
+                        status = event["object"]
+                        raise KubeError(
+                            status.get("code", 500),
+                            status.get("reason", ""),
+                            status.get("message", ""),
+                        )
+                    yield event
 
     async def create(self, url: str, body: Body) -> Body:
         return await self.request("POST", url, body=body)

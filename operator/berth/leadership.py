@@ -40,7 +40,7 @@ import aiohttp
 from prometheus_client import Gauge
 
 from berth.config import LeaseTimings
-from berth.kube import Body, KubeApi, KubeError, path
+from berth.kube import Body, KubeApi, KubeError, Versions, path
 
 log = logging.getLogger("berth.leadership")
 
@@ -278,8 +278,13 @@ class FencedKube:
     async def list(self, url: str, label_selector: str | None = None) -> list[Body]:
         return await self._client.list(url, label_selector)
 
-    def iterate(self, url: str, label_selector: str | None = None) -> AsyncIterator[Body]:
-        return self._client.iterate(url, label_selector)
+    def iterate(
+        self, url: str, label_selector: str | None = None, *, versions: Versions | None = None
+    ) -> AsyncIterator[Body]:
+        return self._client.iterate(url, label_selector, versions=versions)
+
+    def watch(self, url: str, resource_version: str) -> AsyncIterator[Body]:
+        return self._client.watch(url, resource_version)
 
     async def create(self, url: str, body: Body) -> Body:
         self._check("POST", url)

@@ -51,16 +51,6 @@ def is_managed(body: Body) -> bool:
     return (body["metadata"].get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
 
 
-def awaits_ports(pod: Body) -> bool:
-    """Bound, alive and not delivered yet: allocation has work to do."""
-    return (
-        node_of(pod) is not None
-        and not is_terminated(pod)
-        and not pod["metadata"].get("deletionTimestamp")
-        and ANNOTATION_PORTS not in (pod["metadata"].get("annotations") or {})
-    )
-
-
 def node_of(pod: Body) -> str | None:
     return (pod.get("spec") or {}).get("nodeName") or None
 
@@ -155,14 +145,7 @@ def worker_summary(pod: Body) -> dict[str, Any]:
     meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
     kept = {
         k: meta[k]
-        for k in (
-            "name",
-            "namespace",
-            "uid",
-            "resourceVersion",
-            "deletionTimestamp",
-            "ownerReferences",
-        )
+        for k in ("name", "namespace", "uid", "deletionTimestamp", "ownerReferences")
         if k in meta
     }
     ports = (meta.get("annotations") or {}).get(ANNOTATION_PORTS)

@@ -22,6 +22,7 @@ from berth.node_reports import NodeReports
 from berth.reconcile import Reconciler
 from berth.repair import Repairer
 from berth.view import ClusterView
+from berth.watch import Handler, PodWatch
 
 log = logging.getLogger("berth.runtime")
 PROCESS_STARTED = time.time()
@@ -38,6 +39,7 @@ class Runtime:
     reports: NodeReports
     capacity: NodeCapacity
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    pods: PodWatch | None = None
 
     @classmethod
     def build(cls, config: OperatorConfig, client: KubeApi) -> Runtime:
@@ -60,20 +62,27 @@ class Runtime:
         capacity = NodeCapacity(client, view, ledgers)
         return cls(config, client, view, allocation, reconciler, repairer, reports, capacity)
 
+    def serves(self, namespace: str) -> bool:
+        """Whether this operator serves ``namespace`` (BERTH_WATCH_NAMESPACES)."""
+        return not self.config.watch_namespaces or namespace in self.config.watch_namespaces
+
     def refresh(self, namespace: str, name: str) -> None:
         self.reconciler.request_refresh(namespace, name)
 
-    async def start(self) -> None:
+    async def start(self, on_pod: Handler) -> None:
         """Fill the view, then repair every ledger: before any watch, so before
         any allocation (the view must know every pool, host port and delivered
         assignment from the first event on); then correct every node's
-        ``berth.dev/ports``."""
-        await self.view.resync(self.client, everything=True)
+        ``berth.dev/ports``, and watch pods from the start-up LIST on."""
+        listed = await self.view.resync(self.client, everything=True)
+        assert listed is not None
         await self.repairer.sweep(relist=False)
         await self.capacity.sync()
         metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
         settle_heap()
         self.reports.warn_overlaps()
+        self.pods = PodWatch(self.client, on_pod, self.view.known_pods)
+        self.background.append(asyncio.create_task(self.pods.run(listed)))
         self.background.append(asyncio.create_task(self._sweep_forever()))
         if self.reports.interval > 0:
             self.background.append(asyncio.create_task(self.reports.follow()))
@@ -95,6 +104,8 @@ class Runtime:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        if self.pods is not None:
+            await self.pods.close()
         await self.reconciler.close()
         await self.capacity.close()
         await self.client.close()

@@ -150,8 +150,6 @@ class ClusterView:
             node=node_of, deployment=deployment_of, name=name_of
         )
         self._namespace = config.namespace
-        #: uid -> resourceVersion of Berth's pods as the start-up LIST saw them
-        self._listed_at_start: dict[str, str] = {}
         #: What each node's agent reported (node_reports.py), by node name.
         self._reports: SnapshotCache[str, NodeReport] = SnapshotCache()
 
@@ -179,16 +177,10 @@ class ClusterView:
         self._foreign.observe(uid, claim)
         return claim.node if claim is not None and claim != before else None
 
-    def replayed(self, pod: Body) -> bool:
-        """The revision of one of Berth's pods that the start-up LIST saw: kopf
-        replays every pod when its watch starts, and start-up handled these."""
-        meta = pod["metadata"]
-        listed = self._listed_at_start.pop(meta["uid"], None)
-        return listed is not None and listed == meta.get("resourceVersion")
-
-    async def resync(self, client: KubeApi, *, everything: bool = False) -> None:
+    async def resync(self, client: KubeApi, *, everything: bool = False) -> str | None:
         """Re-list nodes, pools and Berth's pods; with ``everything`` (at
-        start-up), every pod for the host ports others claim too."""
+        start-up), every pod for the host ports others claim too, and return
+        that LIST's resourceVersion, where the pod watch starts."""
 
         async def listing(
             url: str, entry: Callable[[Body], V | None], key: str = "name", selector: str = ""
@@ -209,12 +201,13 @@ class ClusterView:
         if not everything:
             selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
             await self._workers.resync(lambda: listing(pods_url, workers, "uid", selector))
-            return
+            return None
         # Start-up: one pass over every pod feeds both views (no watch runs
         # yet, so no event can race with it).
         mine: dict[str, dict[str, Any]] = {}
         others: dict[str, ForeignClaim] = {}
-        async for pod in client.iterate(pods_url):
+        versions: list[str] = []
+        async for pod in client.iterate(pods_url, versions=versions):
             uid = pod["metadata"]["uid"]
             if is_berths(pod):
                 mine[uid] = worker_summary(pod)
@@ -222,11 +215,7 @@ class ClusterView:
                 others[uid] = claim
         self._workers.replace(mine)
         self._foreign.replace(others)
-        self._listed_at_start = {
-            uid: pod["metadata"]["resourceVersion"]
-            for uid, pod in mine.items()
-            if "resourceVersion" in pod["metadata"]
-        }
+        return versions[0]
 
     async def resync_reports(self, client: KubeApi) -> set[str]:
         """Re-list the node agents' reports; returns the nodes whose report changed."""
@@ -246,6 +235,19 @@ class ClusterView:
 
     def reports(self) -> list[NodeReport]:
         return list(self._reports.values())
+
+    def known_pods(self) -> dict[str, Body]:
+        """uid -> every pod the view holds (Berth's as summaries, others as
+        much as their claim says): what a re-list must find or call deleted."""
+        known: dict[str, Body] = {
+            claim.uid: {
+                "metadata": {"uid": claim.uid, "name": claim.pod, "namespace": claim.namespace},
+                "spec": {"nodeName": claim.node},
+            }
+            for claim in self._foreign.values()
+        }
+        known.update((pod["metadata"]["uid"], pod) for pod in self._workers.values())
+        return known
 
     def worker(self, uid: str) -> Body | None:
         """One of Berth's pods (summary), by UID."""

@@ -8,6 +8,7 @@ integration tests hold the services to the real API server.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 from collections.abc import AsyncIterator, Mapping
@@ -34,6 +35,8 @@ class FakeKube:
         self.objects: dict[str, Body] = {}
         self.writes: list[tuple[str, str]] = []
         self._versions = itertools.count(1)
+        #: What watch() hands out, in order: events, or an exception to raise.
+        self.events: list[Body | BaseException] = []
 
     def put(self, url: str, body: Body) -> Body:
         """Store an object as if someone else had created it."""
@@ -60,9 +63,23 @@ class FakeKube:
                 found.append(copy.deepcopy(body))
         return found
 
-    async def iterate(self, url: str, label_selector: str | None = None) -> AsyncIterator[Body]:
+    async def iterate(
+        self, url: str, label_selector: str | None = None, *, versions: list[str] | None = None
+    ) -> AsyncIterator[Body]:
+        if versions is not None:
+            versions.append(str(next(self._versions)))
         for body in await self.list(url, label_selector):
             yield body
+
+    async def watch(self, url: str, resource_version: str) -> AsyncIterator[Body]:
+        """The events queued in ``self.events`` (a test's script of the server)."""
+        while self.events:
+            event = self.events.pop(0)
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            await asyncio.sleep(0)  # events arrive apart, as from a socket
+        await asyncio.Event().wait()  # a quiet stream, until cancelled
 
     async def create(self, url: str, body: Body) -> Body:
         self.writes.append(("create", url))

@@ -1,29 +1,33 @@
-"""Berth's pods: allocate when one is bound, release when it is gone or finished.
+"""Pods: allocate when one of Berth's is bound, release when it is gone or
+finished; note the host ports every other pod claims.
 
-Low-level event handlers, not @kopf.on.create/update: those would write
-progress annotations, finalizers and an extra PATCH into every pod.
+Called by berth.watch, which watches every pod from the start-up LIST on
+(not kopf: see there why), one event of a pod at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import kopf
-
 from berth import metrics
-from berth.names import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
-from berth.pods import awaits_ports, is_terminated
+from berth.capacity import declares_host_ports
+from berth.names import LABEL_DEPLOYMENT
+from berth.pods import is_berths, is_terminated
 from berth.runtime import Runtime
 
 
-@kopf.on.event("pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: kopf.PRESENT})
-async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    runtime: Runtime = memo["runtime"]
+async def pod_event(runtime: Runtime, type: str, body: Mapping[str, Any]) -> None:
+    if not is_berths(body):
+        await foreign_pod_event(runtime, type, body)
+    elif runtime.serves(body["metadata"]["namespace"]):
+        await berth_pod_event(runtime, type, body)
+
+
+async def berth_pod_event(runtime: Runtime, type: str, body: Mapping[str, Any]) -> None:
     metrics.POD_EVENTS.inc()
     pod = dict(body)
     meta = pod["metadata"]
-    if runtime.view.replayed(pod) and type != "DELETED" and not awaits_ports(pod):
-        return  # start-up's LIST and repair saw this revision: nothing to do
     runtime.view.observe_pod(type, pod)
     runtime.allocation.observed(pod)
     if type == "DELETED":
@@ -37,3 +41,14 @@ async def berth_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
         runtime.capacity.ledger_changed(pod["spec"]["nodeName"])
     # Let the owner recreate, scale and report (coalesced per deployment).
     runtime.refresh(meta["namespace"], meta["labels"][LABEL_DEPLOYMENT])
+
+
+async def foreign_pod_event(runtime: Runtime, type: str, body: Mapping[str, Any]) -> None:
+    """Ports other pods claim on their node: never handed out, reported if already held,
+    and not advertised."""
+    node = runtime.view.observe_pod(type, body)
+    if node is not None:
+        runtime.repairer.check_foreign(node)
+    bound = body.get("spec", {}).get("nodeName")
+    if bound and declares_host_ports(body):  # claimed, changed or given back
+        await runtime.capacity.refresh(bound)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -10,6 +11,7 @@ import kopf
 
 from berth.api import InferenceDeployment
 from berth.config import OperatorConfig
+from berth.controllers import pods
 from berth.credentials import connection_info
 from berth.kube import Kube, KubeApi
 from berth.leadership import FencedKube, Leadership
@@ -79,7 +81,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         client = FencedKube(client, leadership)
     runtime = Runtime.build(config, client)
     # kopf starts no watch before start-up handlers finish.
-    await runtime.start()
+    await runtime.start(functools.partial(pods.pod_event, runtime))
     memo["runtime"] = runtime
     log.info(
         "berth started: ledgers in namespace %s, default pool %s",

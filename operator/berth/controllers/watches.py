@@ -1,4 +1,4 @@
-"""Nodes, pools and other pods: watch events into the cluster view.
+"""Nodes and pools: watch events into the cluster view (pods: controllers/pods.py).
 
 Low-level event handlers only; start-up fills the view with LISTs before
 any of these runs (see berth.view for why not kopf indexes). A change that
@@ -12,9 +12,7 @@ from typing import Any
 
 import kopf
 
-from berth.capacity import declares_host_ports
 from berth.names import GROUP
-from berth.pods import is_berths
 from berth.runtime import Runtime
 
 
@@ -37,20 +35,3 @@ async def pool_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
     runtime.view.observe_pool(type, body)
     await runtime.capacity.refresh_all()
     await runtime.allocation.retry_waiting()
-
-
-def _not_berths(body: kopf.Body, **_: Any) -> bool:
-    return not is_berths(body)
-
-
-@kopf.on.event("pods", when=_not_berths)
-async def foreign_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Ports other pods claim on their node: never handed out, reported if already held,
-    and not advertised."""
-    runtime: Runtime = memo["runtime"]
-    node = runtime.view.observe_pod(type, body)
-    if node is not None:
-        runtime.repairer.check_foreign(node)
-    bound = body.get("spec", {}).get("nodeName")
-    if bound and declares_host_ports(body):  # claimed, changed or given back
-        await runtime.capacity.refresh(bound)
