@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from berth.allocator.ranges import PortRange
 from berth.config import OperatorConfig
-from berth.pods import foreign_claim
+from berth.pods import foreign_claim, is_berths, is_ready, owned_by
 from berth.view import ClusterView, SnapshotCache
 
 Body = dict[str, Any]
@@ -142,17 +142,31 @@ async def _const(value: dict[str, int]) -> dict[str, int]:
 def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
     cache = ClusterView(OperatorConfig())
     labels = {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "llama"}
-    worker = pod("w1", "n1", [{"containerPort": 8000}], host_network=True, labels=labels)
+    worker = pod("w1", "n1", [{"containerPort": 8000}], host_network=True, labels=dict(labels))
     worker["metadata"].update(
         namespace="ml",
         annotations={"berth.dev/ports": '{"http":"20000"}', "berth.dev/port-plan": "x" * 500},
+        ownerReferences=[{"kind": "InferenceDeployment", "name": "llama", "uid": "d1"}],
     )
-    worker["status"].update(hostIP="10.0.0.1", podIP="10.0.0.1")
+    worker["metadata"]["labels"]["team"] = "search"  # the user's own: not kept
+    ready = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-23T00:00:00Z"}
+    worker["status"].update(
+        hostIP="10.0.0.1", podIP="10.0.0.1", conditions=[{"type": "Initialized"}, ready]
+    )
     cache.observe_pod("ADDED", worker)
     (summary,) = cache.workers("ml", "llama")
     assert summary["metadata"]["annotations"] == {"berth.dev/ports": '{"http":"20000"}'}
+    assert summary["metadata"]["labels"] == labels and summary["metadata"]["ownerReferences"] == [
+        {"uid": "d1"}
+    ]
+    assert is_ready(summary) and owned_by(summary, "d1") and is_berths(summary)
     assert summary["spec"] == {"nodeName": "n1", "hostNetwork": True}
-    assert summary["status"] == {"phase": "Running", "hostIP": "10.0.0.1", "podIP": "10.0.0.1"}
+    assert summary["status"] == {
+        "phase": "Running",
+        "hostIP": "10.0.0.1",
+        "podIP": "10.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
     assert cache.workers("ml", "other") == [] and cache.workers("other", "llama") == []
     assert cache.foreign_ports("n1") == []  # Berth's own ports are in the ledger, not here
     cache.observe_pod("DELETED", worker)
