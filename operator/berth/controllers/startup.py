@@ -62,12 +62,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.connect_timeout = 10
     # The start-up burst sets the heap's size for good: pymalloc never gives
     # back an arena that a long-lived object still touches. kopf lists every
-    # pod in one response unless told to page, and keeps each object's worker
-    # (holding its last body) alive for 5 s after its last event, so all the
-    # bodies of a restart were alive at once. Paging and short-lived idle
-    # workers keep the burst small: after a restart with 3,000 pods, RSS
-    # 148 MB instead of 203 MB, 82 pymalloc arenas instead of 130, the same
-    # resync time (docs/scaling.md). Events are handled exactly as before.
+    # object in one response unless told to page, and keeps each object's
+    # worker (holding its last body) alive for 5 s after its last event, so
+    # all the bodies of a restart were alive at once (when kopf still watched
+    # pods: after a restart with 3,000 pods, RSS 148 MB instead of 203 MB,
+    # docs/scaling.md). It still lists nodes and InferenceDeployments.
     settings.watching.chunk_size = 500
     settings.queueing.idle_timeout = 0.5
     # Our CRDs are installed before the operator: no CRD watch, no RBAC on CRDs.
