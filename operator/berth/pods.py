@@ -58,6 +58,16 @@ def is_managed(body: Body) -> bool:
     return (body["metadata"].get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY
 
 
+def awaits_ports(pod: Body) -> bool:
+    """Bound, alive and not delivered yet: allocation has work to do."""
+    return (
+        node_of(pod) is not None
+        and not is_terminated(pod)
+        and not pod["metadata"].get("deletionTimestamp")
+        and ANNOTATION_PORTS not in (pod["metadata"].get("annotations") or {})
+    )
+
+
 def node_of(pod: Body) -> str | None:
     return (pod.get("spec") or {}).get("nodeName") or None
 

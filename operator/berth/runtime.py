@@ -82,7 +82,9 @@ class Runtime:
         settle_heap()
         self.reports.warn_overlaps()
         self.pods = PodWatch(self.client, on_pod, self.view.known_pods)
-        self.background.append(asyncio.create_task(self.pods.run(listed)))
+        for pod in listed.unserved:  # bound while no operator ran
+            self.pods.deliver("MODIFIED", pod)
+        self.background.append(asyncio.create_task(self.pods.run(listed.version)))
         self.background.append(asyncio.create_task(self._sweep_forever()))
         if self.reports.interval > 0:
             self.background.append(asyncio.create_task(self.reports.follow()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from berth.kube import KubeApi
 from berth.names import GROUP, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, VERSION
 from berth.pods import (
     ForeignClaim,
+    awaits_ports,
     foreign_claim,
     is_berths,
     is_terminated,
@@ -118,6 +120,14 @@ def node_entry(body: Body) -> tuple[str, dict[str, str]]:
     return meta["uid"], dict(meta.get("labels") or {})
 
 
+@dataclass(frozen=True)
+class StartupListing:
+    #: The LIST's resourceVersion: the pod watch resumes there.
+    version: str
+    #: Berth's pods bound and not delivered yet, whole: no event may come for them.
+    unserved: list[Body]
+
+
 def deployment_of(pod: Body) -> tuple[str, str]:
     meta = pod["metadata"]
     return meta["namespace"], meta["labels"][LABEL_DEPLOYMENT]
@@ -177,10 +187,10 @@ class ClusterView:
         self._foreign.observe(uid, claim)
         return claim.node if claim is not None and claim != before else None
 
-    async def resync(self, client: KubeApi, *, everything: bool = False) -> str | None:
+    async def resync(self, client: KubeApi, *, everything: bool = False) -> StartupListing | None:
         """Re-list nodes, pools and Berth's pods; with ``everything`` (at
         start-up), every pod for the host ports others claim too, and return
-        that LIST's resourceVersion, where the pod watch starts."""
+        where the pod watch starts and the pods it must be handed first."""
 
         async def listing(
             url: str, entry: Callable[[Body], V | None], key: str = "name", selector: str = ""
@@ -206,16 +216,19 @@ class ClusterView:
         # yet, so no event can race with it).
         mine: dict[str, dict[str, Any]] = {}
         others: dict[str, ForeignClaim] = {}
+        unserved: list[Body] = []
         versions: list[str] = []
         async for pod in client.iterate(pods_url, versions=versions):
             uid = pod["metadata"]["uid"]
             if is_berths(pod):
                 mine[uid] = worker_summary(pod)
+                if awaits_ports(pod):  # the summary lacks the plan allocation reads
+                    unserved.append(pod)
             elif (claim := foreign_claim(pod)) is not None:
                 others[uid] = claim
         self._workers.replace(mine)
         self._foreign.replace(others)
-        return versions[0]
+        return StartupListing(versions[0], unserved)
 
     async def resync_reports(self, client: KubeApi) -> set[str]:
         """Re-list the node agents' reports; returns the nodes whose report changed."""
