@@ -72,19 +72,19 @@ class Runtime:
     async def start(self, on_pod: Handler) -> None:
         """Fill the view, then repair every ledger: before any watch, so before
         any allocation (the view must know every pool, host port and delivered
-        assignment from the first event on); then correct every node's
-        ``berth.dev/ports``, and watch pods from the start-up LIST on."""
+        assignment from the first event on); then watch pods from the start-up
+        LIST on, and correct every node's ``berth.dev/ports`` meanwhile."""
         listed = await self.view.resync(self.client, everything=True)
         assert listed is not None
         await self.repairer.sweep(relist=False)
-        await self.capacity.sync()
-        metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
-        settle_heap()
-        self.reports.warn_overlaps()
         self.pods = PodWatch(self.client, on_pod, self.view.known_pods)
         for pod in listed.unserved:  # bound while no operator ran
             self.pods.deliver("MODIFIED", pod)
         self.background.append(asyncio.create_task(self.pods.run(listed.version)))
+        await self.capacity.sync()
+        metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
+        settle_heap()
+        self.reports.warn_overlaps()
         self.background.append(asyncio.create_task(self._sweep_forever()))
         if self.reports.interval > 0:
             self.background.append(asyncio.create_task(self.reports.follow()))
