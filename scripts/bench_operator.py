@@ -16,7 +16,9 @@ Prints figures; asserts nothing. Scenarios, in this order, on one cluster:
   micro/bare-pods     A micro-benchmark of the allocation path alone: pods created
                       already bound (spec.nodeName), no InferenceDeployment, no
                       scheduler, no port map or status. Steady rate, then a burst.
-  resync              SIGKILL the operator with the cluster full; time the restart.
+  resync              SIGKILL the operator with the cluster full and bind a pod
+                      meanwhile; time the restart to start-up done and to that
+                      pod's ports.
 
 Latencies come from watches: from the first event showing a pod bound
 (spec.nodeName set) to the ADDED event of its ``<pod>-ports`` ConfigMap, and
@@ -447,28 +449,36 @@ def run_micro(
 # --- resync -------------------------------------------------------------------------
 
 
-def resynced(operator: OperatorProcess, total: int) -> bool:
-    return (
-        operator.metric("berth_pod_events_total") >= total
-        and operator.metric("berth_startup_sweep_seconds") > 0
-    )
+def started_up(operator: OperatorProcess) -> bool:
+    """Start-up done: the view listed, every ledger repaired, pods watched."""
+    return operator.metric("berth_startup_sweep_seconds") > 0
 
 
-def run_resync(operator: OperatorProcess, total: int, nodes: int) -> dict[str, float]:
+def run_resync(bench: Bench, total: int) -> dict[str, float]:
+    """SIGKILL the operator with the cluster full, bind a pod while it is down,
+    and time the restart: to start-up done, and to that pod's ports."""
+    operator = bench.operator
     operator.kill()
+    core = client.CoreV1Api()
+    core.create_namespaced_pod(  # type: ignore[arg-type]
+        NAMESPACE, bare_pod("after-restart", bench.nodes[0]), _preload_content=False
+    )
     started = time.monotonic()
     operator.start()
-    wait_for(lambda: resynced(operator, total), timeout=300, interval=0.1, what="resync")
-    elapsed = time.monotonic() - started
+    wait_for(lambda: started_up(operator), timeout=300, interval=0.1, what="start-up")
+    ready = time.monotonic() - started
+    wait_for(lambda: "after-restart" in bench.clock.annotated, timeout=300, interval=0.1)
+    served = bench.clock.annotated["after-restart"] - started
     m = operator.metrics()
     writes = sum(v for k, v in requests_by_kind(m).items() if k.split()[0] in WRITES)
+    nodes = len(bench.nodes)
     print(f"\n== resync: operator SIGKILLed and restarted with {total} pods on {nodes} nodes")
-    print(f"  process start -> every pod event handled and the leak sweep done: {elapsed:.2f} s")
-    sweep = m["berth_startup_sweep_seconds"]
-    print(f"  start-up sweep finished at {sweep:.2f} s; writes {writes:.0f}")
+    print(f"  process start -> start-up done (view listed, ledgers repaired): {ready:.2f} s")
+    print(f"  process start -> ports for a pod bound while it was down: {served:.2f} s")
+    print(f"  writes {writes:.0f} (that pod's 3, and nothing else)")
     time.sleep(10)  # what the heap settles at, not only the resync's peak
     print(f"  operator peak RSS after resync: {operator.peak_rss_mb():.0f} MB")
-    return {"resync": elapsed, "rss": operator.peak_rss_mb()}
+    return {"resync": max(ready, served), "rss": operator.peak_rss_mb()}
 
 
 def judge(steady: dict[str, float], burst: dict[str, float], resync: dict[str, float]) -> None:
@@ -552,7 +562,7 @@ def main() -> None:
     clock = Clock(client.CoreV1Api()).start()
     bench = Bench(clock, operator, args, nodes)
     try:
-        wait_for(lambda: resynced(operator, 0), timeout=60, what="operator ready")
+        wait_for(lambda: started_up(operator), timeout=60, what="operator ready")
         spread_names = [f"spread-{i}" for i in range(args.deployments)]
         run_deployments(bench, "deployments/spread", spread_names, [None] * len(spread_names))
         packed = nodes[: args.packed_nodes]
@@ -566,7 +576,7 @@ def main() -> None:
         burst = [f"burst-{i}" for i in range(args.burst)]
         burst_figures = run_micro(bench, "burst", burst, 16, 0)
         deployed = (args.deployments + args.packed_deployments) * args.replicas
-        resync = run_resync(operator, deployed + args.pods + args.burst, len(nodes))
+        resync = run_resync(bench, deployed + args.pods + args.burst)
         judge(steady_figures, burst_figures, resync)
         if clock.relists or clock.errors:
             print(f"\n! watch re-lists {clock.relists} (stamps after one may be late)")

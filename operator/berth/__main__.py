@@ -22,19 +22,24 @@ for _library in ("kubernetes", "kubernetes_asyncio"):
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import aiohttp
 import kopf
 from aiohttp import web
 from prometheus_client import start_http_server
 
 import berth.controllers  # noqa: F401  (registers the handlers)
 from berth.config import OperatorConfig
-from berth.kube import Kube
+from berth.kube import Kube, KubeError
 from berth.leadership import Leadership, abdicate
 from berth.logs import configure_logging
+from berth.standby import WarmView
+
+log = logging.getLogger("berth.main")
 
 
 def main() -> None:
@@ -59,20 +64,36 @@ async def run(config: OperatorConfig, liveness: str) -> None:
         return
     client = await Kube.connect()
     leadership = Leadership(client, config.namespace, config.lease)
+    warm: WarmView | None = None
     try:
         async with serve_health(liveness):
+            warm = await _filled(WarmView(config, client))
             await leadership.acquire()
         leadership.stop_if_resumed_late()
         keeper = asyncio.create_task(leadership.keep())
         keeper.add_done_callback(_lost)
         try:
-            await operate(config, liveness, kopf.Memo(leadership=leadership))
+            await operate(config, liveness, kopf.Memo(leadership=leadership, warm=warm))
         finally:
             keeper.remove_done_callback(_lost)
             keeper.cancel()
             await leadership.release()
     finally:
+        if warm is not None:
+            await warm.close()
         await client.close()
+
+
+async def _filled(warm: WarmView) -> WarmView | None:
+    """The standby's view, listed while it waits; None if that failed (the
+    leader lists at start-up then, as without election)."""
+    try:
+        await warm.start()
+    except (KubeError, aiohttp.ClientError, TimeoutError) as error:
+        log.warning("standby: no view kept (%s); taking over will list every pod", error)
+        await warm.close()
+        return None
+    return warm
 
 
 def _lost(task: asyncio.Task[None]) -> None:

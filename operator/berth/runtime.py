@@ -21,7 +21,7 @@ from berth.ledger.store import LedgerStore
 from berth.node_reports import NodeReports
 from berth.reconcile import Reconciler
 from berth.repair import Repairer
-from berth.view import ClusterView
+from berth.view import ClusterView, StartupListing
 from berth.watch import Handler, PodWatch
 
 log = logging.getLogger("berth.runtime")
@@ -42,8 +42,10 @@ class Runtime:
     pods: PodWatch | None = None
 
     @classmethod
-    def build(cls, config: OperatorConfig, client: KubeApi) -> Runtime:
-        view = ClusterView(config)
+    def build(
+        cls, config: OperatorConfig, client: KubeApi, view: ClusterView | None = None
+    ) -> Runtime:
+        view = view or ClusterView(config)
         post_event = EventPoster(client)
         ledgers = Ledgers(LedgerStore(client, config.namespace))
         reconciler = Reconciler(client, post_event, workers=view.workers)
@@ -69,18 +71,23 @@ class Runtime:
     def refresh(self, namespace: str, name: str) -> None:
         self.reconciler.request_refresh(namespace, name)
 
-    async def start(self, on_pod: Handler) -> None:
+    async def start(self, on_pod: Handler, listed: StartupListing | None = None) -> None:
         """Fill the view, then repair every ledger: before any watch, so before
         any allocation (the view must know every pool, host port and delivered
         assignment from the first event on); then watch pods from the start-up
-        LIST on, and correct every node's ``berth.dev/ports`` meanwhile."""
-        listed = await self.view.resync(self.client, everything=True)
-        assert listed is not None
+        LIST on, and correct every node's ``berth.dev/ports`` meanwhile.
+
+        ``listed``: the view was filled and kept current by a standby
+        (berth.standby); the watch resumes where the standby's stopped.
+        """
+        if listed is None:
+            listed = await self.view.resync(self.client, everything=True)
+            assert listed is not None
         await self.repairer.sweep(relist=False)
         self.pods = PodWatch(self.client, on_pod, self.view.known_pods)
         for pod in listed.unserved:  # bound while no operator ran
             self.pods.deliver("MODIFIED", pod)
-        self.background.append(asyncio.create_task(self.pods.run(listed.version)))
+        self.pods.start(listed.version)
         await self.capacity.sync()
         metrics.STARTUP_SWEEP_SECONDS.set(time.time() - PROCESS_STARTED)
         settle_heap()

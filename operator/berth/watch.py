@@ -44,16 +44,31 @@ class PodWatch:
         self._known = known
         self._latest: dict[str, tuple[str, Body]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        #: The resourceVersion of the last event seen: where another watch resumes.
+        self.version = ""
+
+    def start(self, resource_version: str) -> None:
+        self._task = asyncio.create_task(self.run(resource_version))
+
+    async def stop(self) -> str:
+        """Stop watching once the events seen are handled; returns ``version``."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+        return self.version
 
     async def run(self, resource_version: str) -> None:
         """Watch from ``resource_version`` until cancelled."""
-        version = resource_version
+        self.version = resource_version
         url = kube.path("pods")
         while True:
             try:
-                async for event in self._client.watch(url, version):
+                async for event in self._client.watch(url, self.version):
                     body = event["object"]
-                    version = body["metadata"]["resourceVersion"]
+                    self.version = body["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
                         self.deliver(event["type"], body)
             except KubeError as error:
@@ -62,7 +77,7 @@ class PodWatch:
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
                 log.info("pod watch too old to resume (%s): listing every pod again", error)
-                version = await self.relist()
+                self.version = await self.relist()
             except (aiohttp.ClientError, TimeoutError) as error:
                 log.warning("pod watch interrupted: %r; watching again", error)
                 await asyncio.sleep(RETRY_SECONDS)
@@ -96,7 +111,8 @@ class PodWatch:
             del self._running[uid]
 
     async def close(self) -> None:
-        tasks = list(self._running.values())
+        """Stop at once, handlers too."""
+        tasks = [t for t in (self._task, *self._running.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,4 +1,5 @@
-"""The pod watch: each pod's events in order, pods at once, a gap re-listed."""
+"""The pod watch: each pod's events in order, pods at once, a gap re-listed;
+and the standby's view it keeps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 from tests.unit.fakes import FakeKube
 
+from berth.config import OperatorConfig
 from berth.kube import KubeError
+from berth.standby import WarmView
 from berth.watch import PodWatch
 
 Body = dict[str, Any]
@@ -79,3 +82,26 @@ async def test_a_watch_too_old_relists_and_calls_vanished_pods_deleted() -> None
         ("DELETED", "gone"),
         ("MODIFIED", "kept"),
     ]
+
+
+async def test_a_standby_keeps_its_view_and_hands_over_where_it_stopped() -> None:
+    labels = {"app.kubernetes.io/managed-by": "berth", "berth.dev/deployment": "web"}
+    bound = {**pod("w1", 2), "spec": {"nodeName": "n1"}}
+    bound["metadata"]["labels"] = labels
+    kube = FakeKube()
+    kube.put(PODS, bound)
+    delivered = {**bound, "metadata": {**bound["metadata"], "resourceVersion": "9"}}
+    delivered["metadata"]["annotations"] = {"berth.dev/ports": '{"http":"20000"}'}
+    later = {**bound, "metadata": {**bound["metadata"], "uid": "w2", "name": "p-w2"}}
+    kube.events = [
+        {"type": "ADDED", "object": later},
+        {"type": "MODIFIED", "object": delivered},
+    ]
+    warm = WarmView(OperatorConfig(), kube)
+    await warm.start()
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+    view, listed = await warm.hand_over()
+    assert listed.version == "9"  # the last event seen: the leader's watch resumes there
+    assert [p["metadata"]["uid"] for p in listed.unserved] == ["w2"]  # w1 got its ports
+    assert {p["metadata"]["uid"] for p in view.workers()} == {"w1", "w2"}

@@ -17,6 +17,7 @@ from berth.kube import Kube, KubeApi
 from berth.leadership import FencedKube, Leadership
 from berth.names import FINALIZER, GROUP
 from berth.runtime import Runtime
+from berth.standby import WarmView
 
 log = logging.getLogger("berth.startup")
 KIND: str = InferenceDeployment.model_fields["kind"].default
@@ -78,9 +79,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     if leadership is not None:
         # Elected (python -m berth): no write once the Lease may be someone else's.
         client = FencedKube(client, leadership)
-    runtime = Runtime.build(config, client)
+    # A standby's view, filled and kept current while it waited (berth.standby).
+    warm: WarmView | None = memo.get("warm")
+    view, listed = await warm.hand_over() if warm is not None else (None, None)
+    runtime = Runtime.build(config, client, view)
     # kopf starts no watch before start-up handlers finish.
-    await runtime.start(functools.partial(pods.pod_event, runtime))
+    await runtime.start(functools.partial(pods.pod_event, runtime), listed)
     memo["runtime"] = runtime
     log.info(
         "berth started: ledgers in namespace %s, default pool %s",
