@@ -13,6 +13,7 @@
   ``BERTH_NODES`` sets the number of fake GPU nodes (default 4),
   ``BERTH_REAL_NODES`` the number of real nodes (default 1).
 
+``real_node`` is the first real node (the test fails without one).
 ``namespace`` gives each test a fresh namespace (its default ServiceAccount
 already there), deleted afterwards without waiting. ``core_api`` /
 ``api_client`` are sync ``kubernetes`` clients on the same kubeconfig.
@@ -157,6 +158,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if owned:
             local.down()
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: Cluster) -> str:
+    """The first real node (kubelet + containerd); fails where there is none."""
+    if not cluster.real_nodes:
+        pytest.fail(
+            "no real node in this cluster: the local test bed starts one "
+            "(BERTH_REAL_NODES >= 1); an external cluster (BERTH_KUBECONFIG) has none",
+            pytrace=False,
+        )
+    return cluster.real_nodes[0]
 
 
 @pytest.fixture(scope="session")

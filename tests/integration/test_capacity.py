@@ -370,16 +370,6 @@ def test_kwoks_heartbeat_keeps_the_figure(cluster: Cluster, namespace: str, tmp_
         cluster.kubectl("delete", "node", name, "--wait=false", check=False)
 
 
-@pytest.fixture
-def real_node(cluster: Cluster) -> str:
-    if not cluster.real_nodes:
-        pytest.fail(
-            "no real node in this cluster: the local test bed starts one (BERTH_REAL_NODES >= 1)",
-            pytrace=False,
-        )
-    return str(cluster.real_nodes[0])
-
-
 def test_a_real_kubelet_keeps_the_figure_and_admits_pods_that_request_it(
     cluster: Cluster, real_node: str, namespace: str, tmp_path: Path
 ) -> None:

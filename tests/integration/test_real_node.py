@@ -35,17 +35,6 @@ BLOCKS = [("http", 1), ("side", 4)]  # 5 ports per pod
 
 
 @pytest.fixture(scope="module")
-def real_node(cluster: Cluster) -> str:
-    if not cluster.real_nodes:
-        pytest.fail(
-            "no real node in this cluster: the local test bed starts one "
-            "(BERTH_REAL_NODES >= 1); an external cluster (BERTH_KUBECONFIG) has none",
-            pytrace=False,
-        )
-    return cluster.real_nodes[0]
-
-
-@pytest.fixture(scope="module")
 def node_ip(cluster: Cluster, real_node: str) -> str:
     node = cluster.json("get", "node", real_node)
     (ip,) = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
