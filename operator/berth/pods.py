@@ -27,6 +27,7 @@ from berth.names import (
 Body = Mapping[str, Any]
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
+SUMMARY_CONDITIONS = ("Ready", "PodScheduled")
 
 
 def is_terminated(pod: Body) -> bool:
@@ -161,8 +162,10 @@ def worker_summary(pod: Body) -> dict[str, Any]:
     """The part of a worker pod reconciles and repairs read: a fraction of its
     memory (with 10,000 pods, the view is most of the operator's live data).
 
-    Berth's own labels, the owners' uids and the Ready condition alone: the
-    predicates above answer the same for the summary as for the pod.
+    Berth's own labels, the owners' uids, and the conditions status reads
+    (Ready; PodScheduled, whose message says when the scheduler waits for
+    ports): the predicates here and in capacity.py answer the same for the
+    summary as for the pod.
     """
     meta, spec, status = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
     kept = {k: meta[k] for k in ("name", "namespace", "uid", "deletionTimestamp") if k in meta}
@@ -181,9 +184,9 @@ def worker_summary(pod: Body) -> dict[str, Any]:
         "status": {
             **{k: status[k] for k in ("phase", "hostIP", "podIP") if k in status},
             "conditions": [
-                {"type": "Ready", "status": c.get("status")}
+                {k: c[k] for k in ("type", "status", "message") if k in c}
                 for c in status.get("conditions") or ()
-                if c.get("type") == "Ready"
+                if c.get("type") in SUMMARY_CONDITIONS
             ],
         },
     }

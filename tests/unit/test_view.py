@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from berth.allocator.ranges import PortRange
+from berth.capacity import INSUFFICIENT, scheduler_waiting
 from berth.config import OperatorConfig
 from berth.pods import foreign_claim, is_berths, is_ready, owned_by
 from berth.view import ClusterView, SnapshotCache
@@ -150,8 +151,12 @@ def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
     )
     worker["metadata"]["labels"]["team"] = "search"  # the user's own: not kept
     ready = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-23T00:00:00Z"}
+    waits = f"0/4 nodes are available: 4 {INSUFFICIENT}."
+    scheduled = {"type": "PodScheduled", "status": "False", "message": waits}
     worker["status"].update(
-        hostIP="10.0.0.1", podIP="10.0.0.1", conditions=[{"type": "Initialized"}, ready]
+        hostIP="10.0.0.1",
+        podIP="10.0.0.1",
+        conditions=[{"type": "Initialized"}, ready, scheduled],
     )
     cache.observe_pod("ADDED", worker)
     (summary,) = cache.workers("ml", "llama")
@@ -160,12 +165,13 @@ def test_worker_pods_are_kept_as_summaries_per_deployment() -> None:
         {"uid": "d1"}
     ]
     assert is_ready(summary) and owned_by(summary, "d1") and is_berths(summary)
+    assert scheduler_waiting([{**summary, "spec": {}}]) == [waits]  # as if still unbound
     assert summary["spec"] == {"nodeName": "n1", "hostNetwork": True}
     assert summary["status"] == {
         "phase": "Running",
         "hostIP": "10.0.0.1",
         "podIP": "10.0.0.1",
-        "conditions": [{"type": "Ready", "status": "True"}],
+        "conditions": [{"type": "Ready", "status": "True"}, scheduled],
     }
     assert cache.workers("ml", "other") == [] and cache.workers("other", "llama") == []
     assert cache.foreign_ports("n1") == []  # Berth's own ports are in the ledger, not here
