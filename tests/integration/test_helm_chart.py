@@ -66,6 +66,20 @@ def helm(cluster: Any, *args: str, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
+def release(
+    cluster: Any, verb: str, namespace: str, *values: str, wait: bool = True, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``helm install|upgrade`` of the chart as RELEASE; ``wait``: until Ready (120 s)."""
+    waiting = ("--wait", "--timeout", "120s") if wait else ()
+    return helm(
+        cluster, verb, RELEASE, str(CHART), "--namespace", namespace, *values, *waiting, check=check
+    )
+
+
+def uninstall(cluster: Any, namespace: str) -> None:
+    helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+
+
 def kube_json(cluster: Any, *args: str) -> Body:
     out: Body = json.loads(cluster.kubectl(*args, "-o", "json").stdout)
     return out
@@ -157,18 +171,7 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
     image = image_values(cluster)
     restricted_namespace(cluster, namespace)
     try:
-        helm(
-            cluster,
-            "install",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            namespace,
-            *image,
-            "--wait",
-            "--timeout",
-            "120s",
-        )
+        release(cluster, "install", namespace, *image)
         wait_for(
             lambda: deployment_available(cluster, namespace, RELEASE),
             timeout=60,
@@ -192,20 +195,7 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
 
         # An upgrade replaces both pods, one at a time, and stays available.
         old = {p["metadata"]["uid"] for p in pods}
-        helm(
-            cluster,
-            "upgrade",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            namespace,
-            "--reuse-values",
-            "--set",
-            "sweepIntervalSeconds=30",
-            "--wait",
-            "--timeout",
-            "120s",
-        )
+        release(cluster, "upgrade", namespace, "--reuse-values", "--set", "sweepIntervalSeconds=30")
         wait_for(
             lambda: (
                 len(
@@ -235,20 +225,12 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
         assert env["BERTH_SWEEP_INTERVAL"] == "30"
 
         # A bad value is refused before anything reaches the cluster.
-        bad = helm(
-            cluster,
-            "upgrade",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            namespace,
-            "--set",
-            "replicaCount=0",
-            check=False,
+        bad = release(
+            cluster, "upgrade", namespace, "--set", "replicaCount=0", wait=False, check=False
         )
         assert bad.returncode != 0 and "at '/replicaCount': minimum" in bad.stderr
     finally:
-        helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+        uninstall(cluster, namespace)
     # Helm leaves the CRDs alone on uninstall (docs/install.md, "Uninstall").
     for crd in ("inferencedeployments.berth.dev", "nodeportpools.berth.dev"):
         cluster.kubectl("get", "crd", crd)
@@ -257,16 +239,8 @@ def test_helm_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
 
 
 def test_schema_rejects_a_bad_value_before_install(cluster: Any, namespace: str) -> None:
-    result = helm(
-        cluster,
-        "install",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--set",
-        "defaultPool={20000-}",
-        check=False,
+    result = release(
+        cluster, "install", namespace, "--set", "defaultPool={20000-}", wait=False, check=False
     )
     assert result.returncode == 1
     assert "values don't meet the specifications of the schema" in result.stderr
@@ -330,18 +304,7 @@ def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace
     install_crds(cluster)
     sets = real_node_sets(cluster, node)
     try:
-        helm(
-            cluster,
-            "install",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            namespace,
-            *sets,
-            "--wait",
-            "--timeout",
-            "120s",
-        )
+        release(cluster, "install", namespace, *sets)
         (pod,) = operator_pods(cluster, namespace)
         assert pod["spec"]["nodeName"] == node
         assert pod["spec"]["serviceAccountName"] == RELEASE
@@ -376,7 +339,7 @@ def test_helm_install_runs_the_operator_on_the_real_node(cluster: Any, namespace
         log = cluster.kubectl("logs", "-n", namespace, name).stdout
         assert '"audit"' in log, log[-2000:]
     finally:
-        helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+        uninstall(cluster, namespace)
 
 
 def test_helm_install_runs_the_node_agent_on_the_real_node(cluster: Any, namespace: str) -> None:
@@ -396,18 +359,7 @@ def test_helm_install_runs_the_node_agent_on_the_real_node(cluster: Any, namespa
         listener.listen()
         port = listener.getsockname()[1]
         try:
-            helm(
-                cluster,
-                "install",
-                RELEASE,
-                str(CHART),
-                "--namespace",
-                namespace,
-                *real_node_sets(cluster, node, **agent),
-                "--wait",
-                "--timeout",
-                "120s",
-            )
+            release(cluster, "install", namespace, *real_node_sets(cluster, node, **agent))
 
             def reported() -> bool:
                 found = cluster.kubectl(
@@ -436,4 +388,4 @@ def test_helm_install_runs_the_node_agent_on_the_real_node(cluster: Any, namespa
             (status,) = agent_pod["status"]["containerStatuses"]
             assert status["ready"] and status["imageID"], "a real container, not kwok's word"
         finally:
-            helm(cluster, "uninstall", RELEASE, "--namespace", namespace, "--wait", check=False)
+            uninstall(cluster, namespace)
