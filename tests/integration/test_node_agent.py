@@ -41,14 +41,20 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from tests.integration.test_rbac import apply, granted, helm_binary, without, write_kubeconfig
+from tests.integration.test_rbac import (
+    applied,
+    apply,
+    granted,
+    helm_binary,
+    without,
+    write_kubeconfig,
+)
 from tests.support.operator_process import OperatorProcess, wait_for
 from tests.support.scenarios import (
     OPERATOR_NAMESPACE,
     all_allocated,
     apply_deployment,
     custom_deployment,
-    ensure_namespace,
     install_crds,
     pods_of,
 )
@@ -79,15 +85,8 @@ def render_agent_rbac() -> list[Body]:
 
 @pytest.fixture(scope="module")
 def agent_rbac(cluster: Any) -> Iterator[list[Body]]:
-    install_crds(cluster)
-    ensure_namespace(cluster, OPERATOR_NAMESPACE)
-    docs = render_agent_rbac()
-    apply(cluster, docs)
-    yield docs
-    for doc in docs:
-        meta = doc["metadata"]
-        scope = ["-n", meta["namespace"]] if "namespace" in meta else []
-        cluster.kubectl("delete", doc["kind"], meta["name"], *scope, "--wait=false", check=False)
+    with applied(cluster, render_agent_rbac()) as docs:
+        yield docs
 
 
 @pytest.fixture(scope="module")

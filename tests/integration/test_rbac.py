@@ -23,6 +23,7 @@ serves the cluster while it runs (one would do the refused work instead).
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import re
@@ -152,6 +153,19 @@ def apply(cluster: Any, docs: list[Body]) -> None:
     )
 
 
+@contextlib.contextmanager
+def applied(cluster: Any, docs: list[Body]) -> Iterator[list[Body]]:
+    """``docs`` applied (with Berth's CRDs and namespace) until the block ends."""
+    install_crds(cluster)
+    ensure_namespace(cluster, OPERATOR_NAMESPACE)
+    apply(cluster, docs)
+    yield docs
+    for doc in docs:
+        meta = doc["metadata"]
+        scope = ["-n", meta["namespace"]] if "namespace" in meta else []
+        cluster.kubectl("delete", doc["kind"], meta["name"], *scope, "--wait=false", check=False)
+
+
 def can(cluster: Any, perm: Perm) -> bool:
     kind, group, resource, verb = perm
     name, _, sub = resource.partition("/")
@@ -191,15 +205,8 @@ def write_kubeconfig(cluster: Any, token: str, path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def chart_rbac(cluster: Any) -> Iterator[list[Body]]:
-    install_crds(cluster)
-    ensure_namespace(cluster, OPERATOR_NAMESPACE)
-    docs = render_rbac()
-    apply(cluster, docs)
-    yield docs
-    for doc in docs:
-        meta = doc["metadata"]
-        scope = ["-n", meta["namespace"]] if "namespace" in meta else []
-        cluster.kubectl("delete", doc["kind"], meta["name"], *scope, "--wait=false", check=False)
+    with applied(cluster, render_rbac()) as docs:
+        yield docs
 
 
 @pytest.fixture(scope="module")
