@@ -54,6 +54,15 @@ class KubeError(Exception):
         return self.status == 409
 
 
+def failure(response: aiohttp.ClientResponse, payload: bytes) -> KubeError:
+    """The error a non-2xx response stands for, with its Status message when it has one."""
+    try:
+        status = json.loads(payload)
+        return KubeError(response.status, status.get("reason", ""), status.get("message", ""))
+    except ValueError:
+        return KubeError(response.status, response.reason or "", payload.decode(errors="replace"))
+
+
 def path(
     resource: str,
     *,
@@ -156,12 +165,7 @@ class Kube:
         ) as response:
             payload = await response.read()
             if response.status >= 400:
-                try:
-                    status = json.loads(payload)
-                    reason, message = status.get("reason", ""), status.get("message", "")
-                except ValueError:
-                    reason, message = response.reason or "", payload.decode(errors="replace")
-                raise KubeError(response.status, reason, message)
+                raise failure(response, payload)
             # pydantic's Rust parser: 2-3x json's speed on a page of pods, and
             # the event loop stands still while a page is parsed.
             result: Body = from_json(payload) if payload else {}
@@ -219,7 +223,7 @@ class Kube:
             url, params=params, headers=headers, timeout=timeout
         ) as response:
             if response.status >= 400:
-                raise KubeError(response.status, response.reason or "", await response.text())
+                raise failure(response, await response.read())
             pending = b""
             async for chunk in response.content.iter_any():
                 *lines, pending = (pending + chunk).split(b"\n")

@@ -81,8 +81,7 @@ class Runtime:
         (berth.standby); the watch resumes where the standby's stopped.
         """
         if listed is None:
-            listed = await self.view.resync(self.client, everything=True)
-            assert listed is not None
+            listed = await self.view.fill(self.client)
         await self.repairer.sweep(relist=False)
         self.pods = PodWatch(self.client, on_pod, self.view.known_pods)
         for pod in listed.unserved:  # bound while no operator ran

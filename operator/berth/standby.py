@@ -32,8 +32,7 @@ class WarmView:
         self._watch = PodWatch(client, self._observe, self.view.known_pods)
 
     async def start(self) -> None:
-        listed = await self.view.resync(self._client, everything=True)
-        assert listed is not None
+        listed = await self.view.fill(self._client)
         self._unserved = {pod["metadata"]["uid"]: pod for pod in listed.unserved}
         self._watch.start(listed.version)
         log.info("standby: %d pods in view, watching", len(self.view.known_pods()))

@@ -128,6 +128,23 @@ class StartupListing:
     unserved: list[Body]
 
 
+PODS = kube.path("pods")
+
+
+async def _listing(
+    client: KubeApi,
+    url: str,
+    entry: Callable[[Body], V | None],
+    key: str = "name",
+    selector: str = "",
+) -> dict[str, V]:
+    """A LIST as ``key`` -> entry, page by page: a cluster's every pod never
+    sits in memory at once."""
+    pages = client.iterate(url, selector or None)
+    entries = [(item["metadata"][key], entry(item)) async for item in pages]
+    return {k: v for k, v in entries if v is not None}
+
+
 def deployment_of(pod: Body) -> tuple[str, str]:
     meta = pod["metadata"]
     return meta["namespace"], meta["labels"][LABEL_DEPLOYMENT]
@@ -187,38 +204,27 @@ class ClusterView:
         self._foreign.observe(uid, claim)
         return claim.node if claim is not None and claim != before else None
 
-    async def resync(self, client: KubeApi, *, everything: bool = False) -> StartupListing | None:
-        """Re-list nodes, pools and Berth's pods; with ``everything`` (at
-        start-up), every pod for the host ports others claim too, and return
-        where the pod watch starts and the pods it must be handed first."""
-
-        async def listing(
-            url: str, entry: Callable[[Body], V | None], key: str = "name", selector: str = ""
-        ) -> dict[str, V]:
-            # Page by page: a cluster's every pod never sits in memory at once.
-            pages = client.iterate(url, selector or None)
-            entries = [(item["metadata"][key], entry(item)) async for item in pages]
-            return {k: v for k, v in entries if v is not None}
+    async def resync(self, client: KubeApi) -> None:
+        """Re-list nodes, pools and Berth's pods (every sweep)."""
 
         def workers(pod: Body) -> dict[str, Any] | None:
             return worker_summary(pod) if is_berths(pod) else None
 
-        await self._nodes.resync(lambda: listing(kube.path("nodes"), node_entry))
-        await self.resync_reports(client)
-        pools_url = kube.path("nodeportpools", group=GROUP, version=VERSION)
-        await self._pools.resync(lambda: listing(pools_url, pool_entry))
-        pods_url = kube.path("pods")
-        if not everything:
-            selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-            await self._workers.resync(lambda: listing(pods_url, workers, "uid", selector))
-            return None
-        # Start-up: one pass over every pod feeds both views (no watch runs
-        # yet, so no event can race with it).
+        await self._resync_nodes_and_pools(client)
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        await self._workers.resync(lambda: _listing(client, PODS, workers, "uid", selector))
+
+    async def fill(self, client: KubeApi) -> StartupListing:
+        """Start-up: list nodes, pools and every pod, one pass over pods feeding
+        Berth's and the host ports others claim (no watch runs yet, so no event
+        can race with it); returns where the pod watch starts and the pods it
+        must be handed first."""
+        await self._resync_nodes_and_pools(client)
         mine: dict[str, dict[str, Any]] = {}
         others: dict[str, ForeignClaim] = {}
         unserved: list[Body] = []
         versions: list[str] = []
-        async for pod in client.iterate(pods_url, versions=versions):
+        async for pod in client.iterate(PODS, versions=versions):
             uid = pod["metadata"]["uid"]
             if is_berths(pod):
                 mine[uid] = worker_summary(pod)
@@ -229,6 +235,12 @@ class ClusterView:
         self._workers.replace(mine)
         self._foreign.replace(others)
         return StartupListing(versions[0], unserved)
+
+    async def _resync_nodes_and_pools(self, client: KubeApi) -> None:
+        await self._nodes.resync(lambda: _listing(client, kube.path("nodes"), node_entry))
+        await self.resync_reports(client)
+        pools_url = kube.path("nodeportpools", group=GROUP, version=VERSION)
+        await self._pools.resync(lambda: _listing(client, pools_url, pool_entry))
 
     async def resync_reports(self, client: KubeApi) -> set[str]:
         """Re-list the node agents' reports; returns the nodes whose report changed."""

@@ -213,8 +213,8 @@ async def test_start_up_fills_every_view_with_one_pass_over_pods() -> None:
         configmaps=[],  # no node agent reports
     )
     cache = ClusterView(OperatorConfig())
-    listing = await cache.resync(client, everything=True)  # type: ignore[arg-type]
-    assert listing is not None and listing.unserved == [worker]  # bound, no ports yet: whole
+    listing = await cache.fill(client)  # type: ignore[arg-type]
+    assert listing.unserved == [worker]  # bound, no ports yet: whole
     assert cache.pool_for("g1").name == "gpu"
     assert [w["metadata"]["uid"] for w in cache.workers("ml", "llama")] == ["w1"]
     assert cache.foreign_ports("g1") == [PortRange(21000, 21000)]
